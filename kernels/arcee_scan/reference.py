@@ -2,8 +2,8 @@
 
 Written the way mamba_ssm's ``selective_scan_ref`` is: materialise the discretised ``exp(delta*A)`` and
 ``delta*u*B`` for every step as ``(batch, dim, L, N)`` tensors, then run the recurrence one step at a time
-under autograd, everything in float32. Small shapes only: memory is O(batch*dim*L*N) and the backward keeps
-every step's graph alive.
+under autograd, everything in float32 (float64 when ``u`` is float64, for gradcheck). Small shapes only:
+memory is O(batch*dim*L*N) and the backward keeps every step's graph alive.
 """
 
 from __future__ import annotations
@@ -29,15 +29,16 @@ def selective_scan_reference(
     dtype_in = u.dtype
     batch, dim, _ = u.shape
     groups, d_state = B.shape[1], B.shape[2]
-    u, delta, A = u.float(), delta.float(), A.float()
+    dtype = torch.float64 if dtype_in == torch.float64 else torch.float32
+    u, delta, A = u.to(dtype), delta.to(dtype), A.to(dtype)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
+        delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)  # threshold 20, as in torch and mamba_ssm
     # (batch, G, N, L) -> (batch, dim, N, L): channel d reads group d // (dim / G)
-    B = B.float().repeat_interleave(dim // groups, dim=1)
-    C = C.float().repeat_interleave(dim // groups, dim=1)
-    h = u.new_zeros(batch, dim, d_state) if initial_state is None else initial_state.float()
+    B = B.to(dtype).repeat_interleave(dim // groups, dim=1)
+    C = C.to(dtype).repeat_interleave(dim // groups, dim=1)
+    h = u.new_zeros(batch, dim, d_state) if initial_state is None else initial_state.to(dtype)
     decay = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))  # a_t
     drive = torch.einsum("bdl,bdnl->bdln", delta * u, B)  # b_t
     ys = []
@@ -46,7 +47,7 @@ def selective_scan_reference(
         ys.append((h * c_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
-        y = y + D.float()[:, None] * u
+        y = y + D.to(dtype)[:, None] * u
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(dtype))
     return y.to(dtype_in), h

@@ -1,0 +1,378 @@
+"""Eager PyTorch backend: chunked selective scan with a hand-written, checkpointed backward.
+
+The sequence is cut into chunks of ``chunk_size`` steps. Per chunk, everything that does not depend on the
+state (the decays ``exp(delta*A)``, the inputs ``delta*u*B``, ``C*dy``) is computed for the whole chunk in
+one vectorised op into preallocated buffers; only the first-order recurrences loop over time, one in-place
+``addcmul`` per step on a contiguous slice. The reductions over N or over a group's channels
+(``y = C.h``, ``dB``, ``dC``, ``S``, ``dA``) are multiply-then-sum passes over the chunk.
+
+The forward keeps only the state entering each chunk (``checkpoints``); the backward walks the chunks in
+reverse, rebuilds the chunk's states from its checkpoint and runs the adjoint recurrence
+``g_t = C_t dy_t + a_{t+1} g_{t+1}``. Extra memory is O(batch*dim*N*L/chunk) plus the chunk buffers.
+
+Layout: chunk buffers are ``(k, batch, groups, N, channels_per_group)``, channels innermost. Every product
+then runs an inner loop over the channels with contiguous operands (B/C/dy broadcast as scalars), which is
+several times faster on CPU than an inner loop over a small N. Channels are processed in blocks sized so
+the buffers stay in cache; the CPU speed drops sharply once they outgrow it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["scan_backward", "scan_forward"]
+
+# Elements of one chunk buffer per channel block (four are live in the backward, 8 MB in fp32). Measured on
+# a 2-core x86 VM (2 MB L2): 2**18..2**19 is fastest; smaller blocks pay more per-op overhead, larger ones
+# fall out of cache.
+CPU_BLOCK_ELEMENTS = 2**19
+CUDA_BLOCK_ELEMENTS = 2**26
+SOFTPLUS_THRESHOLD = 20.0
+
+
+def compute_dtype(u: Tensor) -> torch.dtype:
+    """float64 inputs are computed in float64 (for gradcheck); everything else accumulates in float32."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def flush_denormals(device: torch.device) -> Iterator[None]:
+    """Flush denormals to zero on CPU for the duration of the op.
+
+    Products of decays underflow through the denormal range, which is ~10x slower on x86. torch has no
+    getter for the flag, so the previous setting is probed: a denormal product reads back as 0 when on.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    probe = torch.tensor([1e-30], dtype=torch.float32) * 1e-9
+    was_on = bool(probe.item() == 0.0)
+    if not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
+
+
+def _channel_blocks(
+    batch: int, dim: int, groups: int, d_state: int, chunk_size: int, budget: int
+) -> list[tuple[int, int, int, int]]:
+    """Split the channels into ``(c0, c1, g0, g1)`` blocks that either hold whole groups or lie inside one.
+
+    Within a block the B/C view is then ``B[:, g0:g1]`` with ``(c1 - c0) // (g1 - g0)`` channels per group.
+    """
+    per_group = dim // groups
+    channels = max(1, budget // (batch * d_state * chunk_size))
+    if channels >= per_group:
+        step = min(groups, channels // per_group)
+        ends = [min(g0 + step, groups) for g0 in range(0, groups, step)]
+        return [(g0 * per_group, g1 * per_group, g0, g1) for g0, g1 in zip(range(0, groups, step), ends)]
+    # split every group into ceil(per_group / channels) parts of about equal size
+    size = math.ceil(per_group / math.ceil(per_group / channels))
+    return [
+        (g * per_group + e0, g * per_group + min(e0 + size, per_group), g, g + 1)
+        for g in range(groups)
+        for e0 in range(0, per_group, size)
+    ]
+
+
+def _time_major(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(batch, channels..., L) -> contiguous (L, batch, channels...): a chunk is then a contiguous slice."""
+    return x.to(dtype).movedim(-1, 0).contiguous()
+
+
+class _Inputs:
+    """The step-independent inputs in compute dtype and time-major layout, shared by forward and backward."""
+
+    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus: bool, dtype: torch.dtype):
+        delta_raw = delta.to(dtype)
+        if delta_bias is not None:
+            delta_raw = delta_raw + delta_bias.to(dtype)[:, None]
+        self.delta_raw = delta_raw
+        self.delta = F.softplus(delta_raw, threshold=SOFTPLUS_THRESHOLD) if delta_softplus else delta_raw
+        self.u = u.to(dtype)
+        self.A_T = A.to(dtype).t().contiguous()  # (N, d)
+        self.A_log2_T = self.A_T * math.log2(math.e)
+        self.delta_tm = _time_major(self.delta, dtype)  # (L, b, d)
+        self.delta_u_tm = _time_major(self.delta * self.u, dtype)  # (L, b, d)
+        self.B_tm = _time_major(B, dtype)  # (L, b, G, N)
+        self.C_tm = _time_major(C, dtype)  # (L, b, G, N)
+
+
+class _Block:
+    """Views of one channel block, time-major with channels innermost: ``(L, b, g, ., e)``.
+
+    ``g`` groups of ``e`` channels; a chunk is a slice ``[t0:t1]`` of the leading dim. Per-channel values are
+    ``(., 1, e)`` rows and per-state values (B, C) ``(N, 1)`` columns or ``(1, N)`` rows, so products with the
+    ``(k, b, g, N, e)`` chunk buffers broadcast cheaply and reductions are batched matrix products.
+    """
+
+    def __init__(self, block: tuple[int, int, int, int], inputs: _Inputs):
+        self.c0, self.c1, g0, g1 = block
+        self.batch = inputs.delta_tm.shape[1]
+        self.groups = g1 - g0
+        self.per_group = (self.c1 - self.c0) // self.groups
+        self.d_state = inputs.A_T.shape[0]
+        self.delta = self.channels(inputs.delta_tm)
+        self.delta_u = self.channels(inputs.delta_u_tm)
+        self.A = self.per_channel_state(inputs.A_T)
+        self.A_log2 = self.per_channel_state(inputs.A_log2_T)
+        self.B_col = inputs.B_tm[:, :, g0:g1, :, None]  # (L, b, g, N, 1)
+        self.B_row = inputs.B_tm[:, :, g0:g1, None, :]  # (L, b, g, 1, N)
+        self.C_col = inputs.C_tm[:, :, g0:g1, :, None]
+        self.C_row = inputs.C_tm[:, :, g0:g1, None, :]
+        self.group_slice = slice(g0, g1)
+
+    def channels(self, x_tm: Tensor) -> Tensor:
+        """(L, b, d) -> (L, b, g, 1, e)."""
+        return x_tm[:, :, self.c0 : self.c1].view(-1, self.batch, self.groups, 1, self.per_group)
+
+    def per_channel_state(self, x_T: Tensor) -> Tensor:
+        """(N, d) -> (g, N, e)."""
+        return x_T[:, self.c0 : self.c1].view(self.d_state, self.groups, self.per_group).transpose(0, 1)
+
+    def state(self, x: Tensor) -> Tensor:
+        """(b, d, N) -> (b, g, N, e)."""
+        return x[:, self.c0 : self.c1].view(self.batch, self.groups, self.per_group, -1).transpose(-1, -2)
+
+    def checkpoints(self, checkpoints: Tensor) -> Tensor:
+        """(b, d, n_chunks, N) -> (n_chunks, b, g, N, e)."""
+        per_group = checkpoints[:, self.c0 : self.c1].unflatten(1, (self.groups, self.per_group))
+        return per_group.permute(3, 0, 1, 4, 2)
+
+    def buffer(self, flat: Tensor, steps: int) -> Tensor:
+        shape = (steps, self.batch, self.groups, self.d_state, self.per_group)
+        return flat[: math.prod(shape)].view(shape)
+
+    def fill_decay_and_input(self, t0: int, t1: int, decay: Tensor, states: Tensor) -> None:
+        """decay <- exp(delta A), states <- delta u B for every step of the chunk.
+
+        exp2 because torch's exp takes a ~30x slower path for arguments below about -87 (denormal or zero
+        results), which is where large-N decays live; exp2 has no such path.
+        """
+        torch.mul(self.delta[t0:t1], self.A_log2, out=decay).exp2_()
+        torch.mul(self.delta_u[t0:t1], self.B_col[t0:t1], out=states)
+
+
+def _run_recurrence(states: Tensor, decay: Tensor, h: Tensor) -> None:
+    """states holds b_t on entry and h_t = a_t h_{t-1} + b_t on exit; h is the state entering the chunk."""
+    for state, a in zip(states.unbind(0), decay.unbind(0)):
+        state.addcmul_(a, h)
+        h = state
+
+
+_cpu_workspace = threading.local()
+
+
+def _chunk_buffers(count: int, size: int, like: Tensor) -> list[Tensor]:
+    """``count`` flat scratch buffers of ``size`` elements.
+
+    On CPU they are views of a per-thread workspace kept between calls: a few MB freshly allocated per call
+    come back from the OS as new pages, and first-touch page faults cost more than the scan's own arithmetic
+    at small shapes. (CUDA's caching allocator already reuses memory.)
+    """
+    if like.device.type != "cpu":
+        return [like.new_empty(size) for _ in range(count)]
+    if not hasattr(_cpu_workspace, "by_dtype"):
+        _cpu_workspace.by_dtype = {}
+    workspaces = _cpu_workspace.by_dtype
+    workspace = workspaces.get(like.dtype)
+    if workspace is None or workspace.numel() < count * size:
+        with torch.inference_mode(False):  # usable inside and outside inference mode
+            workspace = workspaces[like.dtype] = torch.empty(count * size, dtype=like.dtype)
+    return [workspace[i * size : (i + 1) * size] for i in range(count)]
+
+
+def _blocks_and_buffers(
+    batch: int, dim: int, groups: int, d_state: int, chunk_size: int, length: int, like: Tensor, count: int
+) -> tuple[list[tuple[int, int, int, int]], list[Tensor]]:
+    budget = CPU_BLOCK_ELEMENTS if like.device.type == "cpu" else CUDA_BLOCK_ELEMENTS
+    blocks = _channel_blocks(batch, dim, groups, d_state, min(chunk_size, length), budget)
+    size = min(chunk_size, length) * batch * d_state * max(c1 - c0 for c0, c1, _, _ in blocks)
+    return blocks, _chunk_buffers(count, size, like)
+
+
+def scan_forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """See the backend contract in kernels/arcee_scan/interface.py."""
+    dtype = compute_dtype(u)
+    batch, dim, length = u.shape
+    groups, d_state = B.shape[1], B.shape[2]
+    with flush_denormals(u.device), torch.no_grad():
+        inputs = _Inputs(u, delta, A, B, C, delta_bias, delta_softplus, dtype)
+        y_tm = inputs.u.new_empty(length, batch, dim)
+        h_final = inputs.u.new_empty(batch, dim, d_state)
+        checkpoints = inputs.u.new_empty(batch, dim, math.ceil(length / chunk_size), d_state)
+        blocks, (decay_flat, states_flat) = _blocks_and_buffers(
+            batch, dim, groups, d_state, chunk_size, length, inputs.u, 2
+        )
+        for block in (_Block(b, inputs) for b in blocks):
+            block_checkpoints, y_block = block.checkpoints(checkpoints), block.channels(y_tm)
+            h = (
+                block.state(initial_state)
+                if initial_state is not None
+                else torch.zeros_like(block_checkpoints[0])
+            )
+            for index, t0 in enumerate(range(0, length, chunk_size)):
+                t1 = min(t0 + chunk_size, length)
+                decay, states = block.buffer(decay_flat, t1 - t0), block.buffer(states_flat, t1 - t0)
+                h_in = block_checkpoints[index]
+                h_in.copy_(h)
+                block.fill_decay_and_input(t0, t1, decay, states)
+                _run_recurrence(states, decay, h_in)
+                h = states[-1]
+                y_block[t0:t1] = torch.matmul(block.C_row[t0:t1], states)  # y_t = sum_n C_t[n] h_t[n]
+            block.state(h_final).copy_(h)
+
+        y = y_tm.permute(1, 2, 0).contiguous()
+        if D is not None:
+            y.addcmul_(inputs.u, D.to(dtype)[:, None])
+        y_pregate = None
+        out = y
+        if z is not None:
+            y_pregate = y
+            out = y * F.silu(z.to(dtype))
+    return out.to(u.dtype), h_final, checkpoints, y_pregate
+
+
+def scan_backward(
+    dout: Tensor | None,
+    dh_T: Tensor | None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    checkpoints: Tensor,
+    y_pregate: Tensor | None,
+    chunk_size: int,
+    deterministic: bool,
+) -> tuple[Tensor | None, ...]:
+    """See the backend contract in kernels/arcee_scan/interface.py. Always deterministic (no atomics)."""
+    dtype = compute_dtype(u)
+    batch, dim, length = u.shape
+    groups, d_state = B.shape[1], B.shape[2]
+    with flush_denormals(u.device), torch.no_grad():
+        inputs = _Inputs(u, delta, A, B, C, delta_bias, delta_softplus, dtype)
+        # gradient of the pre-gate y
+        if dout is None:
+            dy = inputs.u.new_zeros(batch, dim, length)
+            dz = None if z is None else torch.zeros_like(z)
+        elif z is None:
+            dy, dz = dout.to(dtype), None
+        else:
+            dout, z_c = dout.to(dtype), z.to(dtype)
+            sig = torch.sigmoid(z_c)
+            dy = dout * z_c * sig
+            dz = (dout * y_pregate * sig * (1 + z_c * (1 - sig))).to(z.dtype)
+        dy_tm = _time_major(dy, dtype)
+
+        dA_T = torch.zeros_like(inputs.A_T)
+        dB_tm = inputs.B_tm.new_zeros(length, batch, groups, d_state)
+        dC_tm = inputs.C_tm.new_zeros(length, batch, groups, d_state)
+        S_tm = inputs.u.new_empty(length, batch, dim)  # sum_n g_t B_t
+        ddelta_state_tm = inputs.u.new_empty(length, batch, dim)  # sum_n g_t a_t h_{t-1} A
+        dh0 = inputs.u.new_empty(batch, dim, d_state)
+
+        blocks, (decay_flat, states_flat, adjoint_flat, scratch_flat) = _blocks_and_buffers(
+            batch, dim, groups, d_state, chunk_size, length, inputs.u, 4
+        )
+        chunk_starts = list(range(0, length, chunk_size))
+        for block in (_Block(b, inputs) for b in blocks):
+            block_checkpoints = block.checkpoints(checkpoints)
+            dy_block = block.channels(dy_tm)
+            dy_col, delta_u_col = (
+                dy_block.transpose(-1, -2),
+                block.delta_u.transpose(-1, -2),
+            )  # (L, b, g, e, 1)
+            dB_block, dC_block = (
+                dB_tm[:, :, block.group_slice, :, None],
+                dC_tm[:, :, block.group_slice, :, None],
+            )
+            S_block, ddelta_state_block = block.channels(S_tm), block.channels(ddelta_state_tm)
+            dA_block = block.per_channel_state(dA_T)
+            # carry = a_{t+1} g_{t+1}: what flows into g_t from the step after it
+            carry = block.state(dh_T) if dh_T is not None else None
+            for index in reversed(range(len(chunk_starts))):
+                t0 = chunk_starts[index]
+                t1 = min(t0 + chunk_size, length)
+                decay, states = block.buffer(decay_flat, t1 - t0), block.buffer(states_flat, t1 - t0)
+                adjoint, scratch = block.buffer(adjoint_flat, t1 - t0), block.buffer(scratch_flat, t1 - t0)
+                h_in = block_checkpoints[index]
+                block.fill_decay_and_input(t0, t1, decay, states)
+                _run_recurrence(states, decay, h_in)
+
+                # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, one in-place addcmul per step
+                torch.mul(dy_block[t0:t1], block.C_col[t0:t1], out=adjoint)
+                if carry is not None:
+                    adjoint[-1].add_(carry)
+                for g, g_next, a_next in zip(
+                    reversed(adjoint[:-1].unbind(0)),
+                    reversed(adjoint[1:].unbind(0)),
+                    reversed(decay[1:].unbind(0)),
+                ):
+                    g.addcmul_(a_next, g_next)
+                # decay[t] <- a_t g_t; the first step's is what flows into the previous chunk
+                decay.mul_(adjoint)
+                carry = decay[0].clone()
+
+                # dC = sum over the group of dy h, dB = sum over the group of g delta u, S = sum_n g B
+                dC_block[t0:t1] += torch.matmul(states, dy_col[t0:t1])
+                dB_block[t0:t1] += torch.matmul(adjoint, delta_u_col[t0:t1])
+                S_block[t0:t1] = torch.matmul(block.B_row[t0:t1], adjoint)
+
+                # decay[t] <- a_t g_t h_{t-1}, from the stored states: never divide by a_t
+                decay[1:].mul_(states[:-1])
+                decay[0].mul_(h_in)
+                ddelta_state_block[t0:t1] = torch.mul(decay, block.A, out=scratch).sum(-2, keepdim=True)
+                dA_block.add_(decay.mul_(block.delta[t0:t1]).sum((0, 1)))
+            block.state(dh0).copy_(carry)
+
+        S = S_tm.permute(1, 2, 0)
+        du = inputs.delta * S
+        ddelta = inputs.u * S + ddelta_state_tm.permute(1, 2, 0)
+        dD = None
+        if D is not None:
+            du.addcmul_(dy, D.to(dtype)[:, None])
+            dD = (dy * inputs.u).sum((0, 2))
+        if delta_softplus:
+            # torch's softplus is linear above the threshold, so its derivative is exactly 1 there
+            raw = inputs.delta_raw
+            ddelta = ddelta * torch.where(raw > SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(raw))
+        ddelta_bias = None if delta_bias is None else ddelta.sum((0, 2))
+    return (
+        du.to(u.dtype),
+        ddelta.to(delta.dtype),
+        dA_T.t().contiguous(),
+        dB_tm.permute(1, 2, 3, 0).contiguous(),
+        dC_tm.permute(1, 2, 3, 0).contiguous(),
+        dD,
+        dz,
+        ddelta_bias,
+        None if initial_state is None else dh0,
+    )

@@ -1,0 +1,434 @@
+"""Triton backend of the stateful selective scan: forward and checkpointed backward kernels.
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this module was imported
+(Triton reads it when the kernels are decorated). See KERNEL.md for the math; the notation here follows it:
+``a_t = exp(delta_t A)``, ``b_t = delta_t u_t B_t``, ``h_t = a_t h_{t-1} + b_t`` and the reverse recurrence
+``g_t = C_t dy_t + a_{t+1} g_{t+1}`` started from ``dh_T``.
+
+Forward: one program per (batch, block of channels) keeps the fp32 ``(BLOCK_D, N)`` state tile in registers
+and walks time, so each ``B_t``/``C_t`` load serves BLOCK_D channels; it writes ``h_T`` and the state entering
+every chunk of ``chunk_size`` steps.
+
+Backward: one program per (batch, block of channels, block of states) walks the chunks in reverse. Per chunk
+it rebuilds ``h`` from the checkpoint with a first-order associative scan and builds ``g`` with a reverse scan
+whose combine carries the segment's first decay, so ``a_{t+1}`` never has to be shifted into place (shifting
+a register tile means a second exp per element, and exps are what this kernel is bound by). Nothing is ever
+divided by a decay: products of ``a`` only underflow to zero, which is harmless.
+
+Sums across programs (dB/dC over channel blocks, du/ddelta over state blocks) use fp32 atomics by default;
+``deterministic=True`` has every program write a private partial instead and sums the partials with torch
+reductions, which run in a fixed order. dA, dD and d delta_bias are always summed that way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = ["scan_forward", "scan_backward", "REVERSE_SCAN_WITH_FLIP"]
+
+# `tl.associative_scan(..., reverse=True)` with a non-commutative combine has GPU bug reports
+# (triton-lang/triton#4362, #8412); flipping the tile, scanning forward and flipping back is the safe default.
+# Set ARCEE_SCAN_TRITON_FLIP=0 to use reverse=True (benchmarks/device_check.py probes whether it is correct).
+REVERSE_SCAN_WITH_FLIP = os.environ.get("ARCEE_SCAN_TRITON_FLIP", "1") != "0"
+
+# Tile sizes: elements of one program's fp32 state tile (forward: BLOCK_D x N; backward: BLOCK_D x BLOCK_N x
+# chunk). Not tuned on a GPU yet: chosen so ptxas (sm_90, Triton 3.8) reports <= 128 registers and no
+# spills, i.e. at least 16 resident warps per SM. Tests shrink them to exercise the multi-block sums.
+FORWARD_TILE = 1024
+FORWARD_MAX_BLOCK_D = 32
+FORWARD_NUM_WARPS = 4
+BACKWARD_TILE = 1024
+BACKWARD_BLOCK_N = 16
+BACKWARD_NUM_WARPS = 8
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+def _is_interpreted(kernel) -> bool:
+    return isinstance(kernel, InterpretedFunction)
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(-|x|)) by Kahan's trick (libdevice.log1p does not run in the interpreter); torch's threshold
+    e = tl.exp(-tl.abs(x))
+    w = 1.0 + e
+    rounded = w - 1.0  # e as 1 + e actually stored it; the ratio cancels log's rounding of w
+    log1p_e = tl.where(rounded == 0.0, e, tl.log(w) * (e / tl.where(rounded == 0.0, 1.0, rounded)))
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_e)
+
+
+@triton.jit
+def _softplus_grad(x):
+    return tl.where(x > 20.0, 1.0, tl.sigmoid(x))
+
+
+@triton.jit
+def _affine_combine(a_left, b_left, a_right, b_right):
+    # compose h -> a_left h + b_left, then h -> a_right h + b_right
+    return a_left * a_right, a_right * b_left + b_right
+
+
+@triton.jit
+def _reverse_affine_combine(a_later, m_later, v_later, a_earlier, m_earlier, v_earlier):
+    # A segment [s, e] is (a_s, a_{s+1}...a_e, g_s with the gradient entering past e set to zero).
+    # Appending the earlier segment in front: g_s = v_earlier + m_earlier * a_first_later * v_later.
+    bridge = m_earlier * a_later
+    return a_earlier, bridge * m_later, v_earlier + bridge * v_later
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    out_ptr, ypre_ptr, hT_ptr, ckpt_ptr,
+    dim, L, d_state, chunk_size, n_chunks, channels_per_group,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    # BLOCK_D divides the channels per group (or there is one group): the block reads one group's B and C
+    group = (pid_d * BLOCK_D) // channels_per_group
+
+    # masked channels and states get A = 0 and B = 0: an identity step that is never stored
+    A = tl.load(A_ptr + offs_d[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
+    A2 = A.to(tl.float32) * LOG2E
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    state_offs = (pid_b * dim + offs_d[:, None]) * d_state + offs_n[None, :]  # (b, d, N) contiguous
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    ckpt_ptrs = ckpt_ptr + ((pid_b * dim + offs_d[:, None]) * n_chunks) * d_state + offs_n[None, :]
+
+    u_ptrs = u_ptr + pid_b * su_b + offs_d * su_d
+    delta_ptrs = delta_ptr + pid_b * sdt_b + offs_d * sdt_d
+    z_ptrs = z_ptr + pid_b * sz_b + offs_d * sz_d
+    B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
+    C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
+    out_ptrs = out_ptr + (pid_b * dim + offs_d) * L
+    for t in range(L):
+        if t % chunk_size == 0:
+            tl.store(ckpt_ptrs + (t // chunk_size) * d_state, h, mask=mask_dn)
+        u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptrs + t * sdt_l, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        B_t = tl.load(B_ptrs + t * sB_l, mask=mask_n, other=0.0).to(tl.float32)
+        C_t = tl.load(C_ptrs + t * sC_l, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t[None, :]
+        y = tl.sum(h * C_t[None, :], axis=1)
+        if HAS_D:
+            y += D * u
+        if HAS_Z:
+            tl.store(ypre_ptr + (pid_b * dim + offs_d) * L + t, y, mask=mask_d)
+            z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptrs + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(hT_ptr + state_offs, h, mask=mask_dn)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dhT_ptr, ckpt_ptr, ypre_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dh0_ptr,
+    dim, L, d_state, chunk_size, n_chunks, channels_per_group, n_d_blocks, du_partial_stride,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DOUT: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr,
+    ATOMIC_BC: tl.constexpr, ATOMIC_DU: tl.constexpr, USE_FLIP: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    steps = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < dim
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    group = (pid_d * BLOCK_D) // channels_per_group
+    groups = dim // channels_per_group
+
+    A = tl.load(A_ptr + offs_d[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    state_offs = (pid_b * dim + offs_d[:, None]) * d_state + offs_n[None, :]
+    if HAS_DHT:
+        dh = tl.load(dhT_ptr + state_offs, mask=mask_dn, other=0.0)  # gradient entering h from later steps
+    else:
+        dh = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ckpt_ptrs = ckpt_ptr + ((pid_b * dim + offs_d[:, None]) * n_chunks) * d_state + offs_n[None, :]
+
+    row_dl = (pid_b * dim + offs_d[:, None]) * L  # (b, d, L) contiguous outputs
+    B_base = B_ptr + pid_b * sB_b + group * sB_g + offs_n[:, None] * sB_n
+    C_base = C_ptr + pid_b * sC_b + group * sC_g + offs_n[:, None] * sC_n
+    # dB/dC: one (N, L) slice per group, or per channel block when partials are kept (deterministic)
+    bc_row = pid_b * groups + group if ATOMIC_BC else pid_b * n_d_blocks + pid_d
+    bc_base = (bc_row * d_state + offs_n[:, None]) * L
+    du_base = row_dl if ATOMIC_DU else row_dl + pid_n.to(tl.int64) * du_partial_stride
+
+    for i in range(n_chunks):
+        chunk = n_chunks - 1 - i
+        offs_t = chunk * chunk_size + steps
+        mask_t = (steps < chunk_size) & (offs_t < L)
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        mask_nt = mask_n[:, None] & mask_t[None, :]
+
+        # (BLOCK_D, BLOCK_T) per-channel inputs
+        u = tl.load(u_ptr + pid_b * su_b + offs_d[:, None] * su_d + offs_t[None, :] * su_l, mask=mask_dt,
+                    other=0.0).to(tl.float32)  # fmt: skip
+        dt_raw = tl.load(delta_ptr + pid_b * sdt_b + offs_d[:, None] * sdt_d + offs_t[None, :] * sdt_l,
+                         mask=mask_dt, other=0.0).to(tl.float32)  # fmt: skip
+        if HAS_BIAS:
+            dt_raw += bias[:, None]
+        dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
+        # steps past L or past the chunk become identity steps (a = 1, b = 0): zero delta AFTER softplus
+        dt = tl.where(mask_t[None, :], dt, 0.0)
+        if HAS_DOUT:
+            dout = tl.load(dout_ptr + pid_b * so_b + offs_d[:, None] * so_d + offs_t[None, :] * so_l,
+                           mask=mask_dt, other=0.0).to(tl.float32)  # fmt: skip
+            if HAS_Z:
+                z = tl.load(z_ptr + pid_b * sz_b + offs_d[:, None] * sz_d + offs_t[None, :] * sz_l,
+                            mask=mask_dt, other=0.0).to(tl.float32)  # fmt: skip
+                sig_z = tl.sigmoid(z)
+                dy = dout * z * sig_z
+            else:
+                dy = dout
+        else:
+            dy = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+        # (BLOCK_N, BLOCK_T) group inputs
+        B = tl.load(B_base + offs_t[None, :] * sB_l, mask=mask_nt, other=0.0).to(tl.float32)
+        C = tl.load(C_base + offs_t[None, :] * sC_l, mask=mask_nt, other=0.0).to(tl.float32)
+
+        # (BLOCK_D, BLOCK_N, BLOCK_T) rebuild of h from the state entering the chunk
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        b = (dt * u)[:, None, :] * B[None, :, :]
+        h_in = tl.load(ckpt_ptrs + chunk * d_state, mask=mask_dn, other=0.0)
+        b_first = tl.where(steps[None, None, :] == 0, b + a * h_in[:, :, None], b)
+        _, h = tl.associative_scan((a, b_first), 2, _affine_combine)
+
+        # g, backwards in time; the gradient from later chunks enters at the last slot (padded slots
+        # have a = 1 and no local term, so it reaches the last real step unchanged)
+        x = C[None, :, :] * dy[:, None, :]
+        x = tl.where(steps[None, None, :] == BLOCK_T - 1, x + dh[:, :, None], x)
+        ones = tl.full((BLOCK_D, BLOCK_N, BLOCK_T), 1.0, tl.float32)
+        if USE_FLIP:
+            _, _, g = tl.associative_scan((tl.flip(a, 2), ones, tl.flip(x, 2)), 2, _reverse_affine_combine)
+            g = tl.flip(g, 2)
+        else:
+            _, _, g = tl.associative_scan((a, ones, x), 2, _reverse_affine_combine, reverse=True)
+        dh = tl.sum(tl.where(steps[None, None, :] == 0, a * g, 0.0), axis=2)
+
+        g_decayed_h = g * (h - b)  # g_t a_t h_{t-1}, without ever forming h_{t-1}
+        dA_acc += tl.sum(g_decayed_h * dt[:, None, :], axis=2)
+        S = tl.sum(g * B[None, :, :], axis=1)
+        ddt = u * S + tl.sum(g_decayed_h * A[:, :, None], axis=1)
+        du = dt * S
+        if HAS_D:
+            du += tl.where(pid_n == 0, D[:, None] * dy, 0.0)
+        if SOFTPLUS:
+            ddt *= _softplus_grad(dt_raw)
+        dB = tl.sum(g * (dt * u)[:, None, :], axis=0)
+        dC = tl.sum(h * dy[:, None, :], axis=0)
+
+        if ATOMIC_DU:
+            tl.atomic_add(du_ptr + du_base + offs_t[None, :], du, mask=mask_dt, sem="relaxed")
+            tl.atomic_add(ddelta_ptr + du_base + offs_t[None, :], ddt, mask=mask_dt, sem="relaxed")
+        else:
+            tl.store(du_ptr + du_base + offs_t[None, :], du, mask=mask_dt)
+            tl.store(ddelta_ptr + du_base + offs_t[None, :], ddt, mask=mask_dt)
+        if ATOMIC_BC:
+            tl.atomic_add(dB_ptr + bc_base + offs_t[None, :], dB, mask=mask_nt, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc_base + offs_t[None, :], dC, mask=mask_nt, sem="relaxed")
+        else:
+            tl.store(dB_ptr + bc_base + offs_t[None, :], dB, mask=mask_nt)
+            tl.store(dC_ptr + bc_base + offs_t[None, :], dC, mask=mask_nt)
+        if HAS_DOUT:
+            dD_acc += tl.sum(dy * u, axis=1)
+            if HAS_Z:  # written once, by the first state block
+                mask_dz = mask_dt & (pid_n == 0)
+                y = tl.load(ypre_ptr + row_dl + offs_t[None, :], mask=mask_dz, other=0.0)
+                dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
+                tl.store(dz_ptr + row_dl + offs_t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask_dz)
+
+    # per-batch partials, summed over the batch by the caller in a fixed order
+    tl.store(dA_ptr + state_offs, dA_acc, mask=mask_dn)
+    if HAS_D and HAS_DOUT:
+        tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d & (pid_n == 0))
+    if HAS_H0:
+        tl.store(dh0_ptr + state_offs, dh, mask=mask_dn)
+
+
+def _strides(x: Tensor | None, rank: int) -> tuple[int, ...]:
+    return tuple(x.stride()) if x is not None else (0,) * rank
+
+
+def _channel_block(dim: int, groups: int, target: int) -> int:
+    """Largest power of two <= target that keeps every channel block inside one group of B/C."""
+    block = min(triton.next_power_of_2(dim), max(1, target))
+    if groups > 1:
+        while (dim // groups) % block:
+            block //= 2
+    return block
+
+
+def _check_input(u: Tensor) -> None:
+    if u.dtype == torch.float64:
+        raise TypeError(
+            "u must be float32, float16 or bfloat16 for the triton backend (fp32 state); got float64"
+        )
+    if u.device.type != "cuda" and not _is_interpreted(_scan_fwd_kernel):
+        raise RuntimeError(
+            "the triton backend needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"arcee_scan.triton_scan is imported; got tensors on {u.device}"
+        )
+
+
+def scan_forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Returns ``(out, h_T, checkpoints, y_pregate)`` as in the backend contract (docs in interface.py)."""
+    _check_input(u)
+    batch, dim, L = u.shape
+    groups, d_state = B.shape[1], B.shape[2]
+    n_chunks = triton.cdiv(L, chunk_size)
+    A = A.contiguous()
+    initial_state = initial_state.contiguous() if initial_state is not None else None
+
+    out = torch.empty((batch, dim, L), dtype=u.dtype, device=u.device)
+    y_pregate = torch.empty((batch, dim, L), dtype=torch.float32, device=u.device) if z is not None else None
+    h_T = torch.empty((batch, dim, d_state), dtype=torch.float32, device=u.device)
+    checkpoints = torch.empty((batch, dim, n_chunks, d_state), dtype=torch.float32, device=u.device)
+
+    block_n = triton.next_power_of_2(d_state)
+    block_d = _channel_block(dim, groups, min(FORWARD_TILE // block_n, FORWARD_MAX_BLOCK_D))
+    grid = (batch, triton.cdiv(dim, block_d))
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
+        delta_bias if delta_bias is not None else A, initial_state if initial_state is not None else h_T,
+        out, y_pregate if y_pregate is not None else out, h_T, checkpoints,
+        dim, L, d_state, chunk_size, n_chunks, dim // groups,
+        *u.stride(), *delta.stride(), *_strides(z, 3), *B.stride(), *C.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_H0=initial_state is not None, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FORWARD_NUM_WARPS,
+    )  # fmt: skip
+    return out, h_T, checkpoints, y_pregate
+
+
+def scan_backward(
+    dout: Tensor | None,
+    dh_T: Tensor | None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    checkpoints: Tensor,
+    y_pregate: Tensor | None,
+    chunk_size: int,
+    deterministic: bool,
+) -> tuple[Tensor, ...]:
+    """Returns ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)`` as in the backend contract."""
+    _check_input(u)
+    batch, dim, L = u.shape
+    groups, d_state = B.shape[1], B.shape[2]
+    n_chunks = triton.cdiv(L, chunk_size)
+    if checkpoints.shape != (batch, dim, n_chunks, d_state):
+        raise ValueError(
+            f"checkpoints must have shape {(batch, dim, n_chunks, d_state)}, got {checkpoints.shape}"
+        )
+    if z is not None and dout is not None and y_pregate is None:
+        raise ValueError("y_pregate (saved by scan_forward) is required for the gradient through z")
+    A = A.contiguous()
+    dh_T = dh_T.contiguous() if dh_T is not None else None
+
+    block_t = triton.next_power_of_2(chunk_size)
+    block_n = min(triton.next_power_of_2(d_state), BACKWARD_BLOCK_N, max(1, BACKWARD_TILE // block_t))
+    block_d = _channel_block(dim, groups, BACKWARD_TILE // (block_n * block_t))
+    n_d_blocks, n_n_blocks = triton.cdiv(dim, block_d), triton.cdiv(d_state, block_n)
+    atomic_bc = not deterministic and n_d_blocks > groups
+    atomic_du = not deterministic and n_n_blocks > 1
+
+    kw = {"dtype": torch.float32, "device": u.device}
+    du_parts = 1 if atomic_du else n_n_blocks
+    new_du = torch.zeros if atomic_du else torch.empty
+    du = new_du((du_parts, batch, dim, L), **kw)
+    ddelta = new_du((du_parts, batch, dim, L), **kw)
+    bc_rows = groups if atomic_bc else n_d_blocks
+    new_bc = torch.zeros if atomic_bc else torch.empty
+    dB = new_bc((batch, bc_rows, d_state, L), **kw)
+    dC = new_bc((batch, bc_rows, d_state, L), **kw)
+    dA = torch.empty((batch, dim, d_state), **kw)
+    dD = torch.empty((batch, dim), **kw) if D is not None and dout is not None else None
+    dz = torch.empty((batch, dim, L), dtype=z.dtype, device=u.device) if z is not None else None
+    dh0 = torch.empty((batch, dim, d_state), **kw) if initial_state is not None else None
+
+    grid = (batch, n_d_blocks, n_n_blocks)
+    _scan_bwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
+        delta_bias if delta_bias is not None else A, dout if dout is not None else u,
+        dh_T if dh_T is not None else dA, checkpoints, y_pregate if y_pregate is not None else u,
+        du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else du,
+        dh0 if dh0 is not None else dA,
+        dim, L, d_state, chunk_size, n_chunks, dim // groups, n_d_blocks, batch * dim * L,
+        *u.stride(), *delta.stride(), *_strides(z, 3), *_strides(dout, 3), *B.stride(), *C.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_DOUT=dout is not None, HAS_DHT=dh_T is not None, HAS_H0=initial_state is not None,
+        ATOMIC_BC=atomic_bc, ATOMIC_DU=atomic_du, USE_FLIP=REVERSE_SCAN_WITH_FLIP,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=BACKWARD_NUM_WARPS,
+    )  # fmt: skip
+
+    # fixed-order sums of the per-program partials (a no-op where there is one program per sum)
+    du, ddelta = (du[0], ddelta[0]) if du_parts == 1 else (du.sum(0), ddelta.sum(0))
+    if bc_rows != groups:
+        dB = dB.view(batch, groups, bc_rows // groups, d_state, L).sum(2)
+        dC = dC.view(batch, groups, bc_rows // groups, d_state, L).sum(2)
+    ddelta_bias = ddelta.sum((0, 2)) if delta_bias is not None else None
+    if D is not None:
+        dD = dD.sum(0) if dD is not None else torch.zeros_like(D, dtype=torch.float32)
+    if z is not None and dout is None:
+        dz.zero_()
+    return (
+        du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0), dB, dC, dD, dz, ddelta_bias, dh0,
+    )  # fmt: skip
