@@ -1,0 +1,3 @@
+from .pipeline_arcee_zigma import ArceeZigmaPipeline, ArceeZigmaPipelineOutput
+
+__all__ = ["ArceeZigmaPipeline", "ArceeZigmaPipelineOutput"]

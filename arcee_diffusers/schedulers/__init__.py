@@ -1,0 +1,12 @@
+from .flow_paths import FlowPath, get_flow_path
+from .sampling import sample_flow
+from .scheduling_gvp_flow import FlowMatchGVPScheduler, FlowMatchGVPSchedulerOutput, sample_ode
+
+__all__ = [
+    "FlowMatchGVPScheduler",
+    "FlowMatchGVPSchedulerOutput",
+    "FlowPath",
+    "get_flow_path",
+    "sample_flow",
+    "sample_ode",
+]

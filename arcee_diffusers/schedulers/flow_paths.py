@@ -46,6 +46,26 @@ class FlowPath:
         _, _, d_alpha, d_sigma = self.coefficients(_expand(t, x1))
         return d_alpha * x1 + d_sigma * x0
 
+    def predict_endpoints(self, x_t: Tensor, velocity: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """The data ``x1`` and noise ``x0`` that a predicted ``velocity`` at ``(x_t, t)`` implies.
+
+        Solves ``x_t = alpha * x1 + sigma * x0`` and ``velocity = d_alpha * x1 + d_sigma * x0``; the
+        determinant is -1 (linear) or -pi/2 (gvp), never zero.
+        """
+        alpha, sigma, d_alpha, d_sigma = self.coefficients(_expand(t, x_t))
+        det = alpha * d_sigma - sigma * d_alpha
+        return (d_sigma * x_t - sigma * velocity) / det, (alpha * velocity - d_alpha * x_t) / det
+
+    def time_from_rectified_sigma(self, rectified_sigma: Tensor) -> Tensor:
+        """The time ``t`` on this path that matches the noise level of diffusers' rectified-flow convention.
+
+        diffusers' flow-match schedulers move ``x = s * x0 + (1 - s) * x1`` from ``s = 1`` (noise) to 0. Any
+        path maps onto it by ``x = x_t / (alpha + sigma)`` at the ``t`` where ``sigma / (alpha + sigma) = s``.
+        """
+        if self.name == "gvp":
+            return torch.atan2(1 - rectified_sigma, rectified_sigma) * (2 / math.pi)
+        return 1 - rectified_sigma
+
 
 PATHS = {"gvp": FlowPath("gvp"), "linear": FlowPath("linear")}
 

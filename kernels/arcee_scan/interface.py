@@ -177,9 +177,9 @@ def _(
     def optional(t: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return dh_T.new_empty(shape if t is not None else (0,), dtype=dtype)
 
-    return (
-        torch.empty_like(u),
-        torch.empty_like(delta),
+    return (  # backends return contiguous gradients, whatever the inputs' strides
+        u.new_empty(u.shape),
+        delta.new_empty(delta.shape),
         A.new_empty(A.shape, dtype=state_dtype),
         B.new_empty(B.shape, dtype=state_dtype),
         C.new_empty(C.shape, dtype=state_dtype),

@@ -1,0 +1,29 @@
+"""Regenerate ``hub_configs/<variant>/`` from the presets: ``transformer/config.json``, then the rest of a Hub
+repo template (model_index.json, scheduler and VAE configs, re-export files, README.md model card).
+
+python hub_configs/generate.py            # writes next to this file
+python hub_configs/generate.py --root DIR
+"""
+
+import argparse
+from pathlib import Path
+
+from arcee_diffusers.hub import write_repo_template
+from arcee_diffusers.models.variants import write_hub_configs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent)
+    args = parser.parse_args()
+    for path in write_hub_configs(args.root):
+        print(path)
+        variant_folder = path.parent.parent
+        for written in write_repo_template(variant_folder, repo_id=f"your-namespace/{variant_folder.name}"):
+            print(written)
+
+
+if __name__ == "__main__":
+    main()
