@@ -52,6 +52,10 @@ def steps(out: Path, tmp: Path) -> list[Step]:
     me = str(Path(__file__).resolve())
     bench_scan = ["benchmarks/bench_scan.py", "--device", "cuda", "--dtype", "bfloat16"]
     bench_scan += ["--shapes", *PAPER_SHAPES, "--out", str(out / "bench_scan_gpu.json")]
+    bench_model = ["benchmarks/bench_model.py", "--device", "cuda", "--preset", "B/2", "--batch", "32"]
+    bench_model += ["--dtype", "bf16", "--orders", "1,4", "--out", str(out / "bench_model_gpu.json")]
+    bench_sampling = ["benchmarks/bench_sampling.py", "--device", "cuda"]
+    bench_sampling += ["--out", str(out / "bench_sampling_gpu.json")]
     return [
         Step("env", [py, me, "env", "--out", str(tmp / "env.json")], 60, embed=True),
         Step("probe", [py, me, "probe", "--out", str(tmp / "probe.json")], 120, embed=True),
@@ -67,10 +71,10 @@ def steps(out: Path, tmp: Path) -> list[Step]:
             200,
             outputs=["bench_triton_gpu.json"],
         ),
-        # The lead appends the model / sampling / training GPU benchmarks here, one Step each, e.g.
-        #   Step("bench_model", [py, "benchmarks/bench_model.py", "--device", "cuda", "--dtype", "bf16",
-        #        "--out", str(out / "bench_model_gpu.json")], 120, outputs=["bench_model_gpu.json"]),
-        # (arcee_diffusers needs diffusers, which the GPU image lacks: carry its wheel, see the device docs).
+        # The steps below import arcee_diffusers, hence diffusers, which the GPU image lacks: carry its
+        # wheel (and safetensors/huggingface-hub if missing) as the device docs describe, or they fail alone.
+        Step("bench_model", [py, *bench_model], 150, outputs=["bench_model_gpu.json"]),
+        Step("bench_sampling", [py, *bench_sampling], 120, outputs=["bench_sampling_gpu.json"]),
     ]
 
 
