@@ -56,6 +56,8 @@ def steps(out: Path, tmp: Path) -> list[Step]:
     bench_model += ["--dtype", "bf16", "--orders", "1,4", "--out", str(out / "bench_model_gpu.json")]
     bench_sampling = ["benchmarks/bench_sampling.py", "--device", "cuda"]
     bench_sampling += ["--out", str(out / "bench_sampling_gpu.json")]
+    bench_train = ["benchmarks/bench_train.py", "--device", "cuda", "--num_scan_orders", "1", "4"]
+    bench_train += ["--output_json", str(out / "bench_train_gpu.json")]
     return [
         Step("env", [py, me, "env", "--out", str(tmp / "env.json")], 60, embed=True),
         Step("probe", [py, me, "probe", "--out", str(tmp / "probe.json")], 120, embed=True),
@@ -75,6 +77,7 @@ def steps(out: Path, tmp: Path) -> list[Step]:
         # wheel (and safetensors/huggingface-hub if missing) as the device docs describe, or they fail alone.
         Step("bench_model", [py, *bench_model], 150, outputs=["bench_model_gpu.json"]),
         Step("bench_sampling", [py, *bench_sampling], 120, outputs=["bench_sampling_gpu.json"]),
+        Step("bench_train", [py, *bench_train], 180, outputs=["bench_train_gpu.json"]),
     ]
 
 

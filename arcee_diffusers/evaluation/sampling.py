@@ -1,0 +1,132 @@
+"""Sample generation for evaluation: one seed per sample, resumable folders, image grids.
+
+Sample ``i`` always uses seed ``seed + i`` (its own ``torch.Generator``) and, for a class-conditional
+model, label ``i % num_classes``: a sample's content depends on its index only, never on the batch it was
+made in or on how often the run was interrupted. A resumed run lists the PNGs already written and makes only
+the missing indices; ``generation.json`` records the settings and a resume with different ones is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+SETTINGS_FILE = "generation.json"
+
+
+def sample_label(index: int, num_classes: int | None) -> int | None:
+    return None if num_classes is None else index % num_classes
+
+
+def sample_images(
+    pipeline,
+    indices: list[int] | range,
+    seed: int = 0,
+    guidance_scale: float = 1.0,
+    num_inference_steps: int | None = None,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images ``(N, H, W, C)`` in [0, 1] for sample ``indices`` (and their labels for conditional models)."""
+    num_classes = pipeline.transformer.config.num_classes
+    device = pipeline._execution_device
+    indices = list(indices)
+    images = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        generators = [torch.Generator(device).manual_seed(seed + i) for i in chunk]
+        labels = None if num_classes is None else [sample_label(i, num_classes) for i in chunk]
+        output = pipeline(
+            batch_size=len(chunk),
+            class_labels=labels,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            generator=generators,
+            output_type="np",
+        )
+        images.append(output.images)
+    labels = None if num_classes is None else np.array([sample_label(i, num_classes) for i in indices])
+    return np.concatenate(images), labels
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(images, 0, 1) * 255).astype(np.uint8)
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    image = to_uint8(image)
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def save_image_grid(
+    images: np.ndarray, path: str | os.PathLike, num_columns: int | None = None, scale: int = 1
+):
+    """Tile ``(N, H, W, C)`` images in [0, 1] into one PNG (``scale``× nearest-neighbour upsampling)."""
+    count, height, width, _ = images.shape
+    num_columns = num_columns or math.ceil(math.sqrt(count))
+    num_rows = math.ceil(count / num_columns)
+    grid = np.zeros((num_rows * height, num_columns * width, images.shape[-1]), dtype=images.dtype)
+    for i, image in enumerate(images):
+        row, col = divmod(i, num_columns)
+        grid[row * height : (row + 1) * height, col * width : (col + 1) * width] = image
+    picture = _to_pil(grid)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    picture.save(path)
+    return picture
+
+
+def generate_samples(
+    pipeline,
+    folder: str | os.PathLike,
+    num_samples: int,
+    seed: int = 0,
+    guidance_scale: float = 1.0,
+    num_inference_steps: int | None = None,
+    batch_size: int = 64,
+) -> list[Path]:
+    """Write samples ``0 .. num_samples-1`` to ``folder/<index>.png``, skipping those already there.
+
+    Returns the paths of the ``num_samples`` samples (without the extras of a larger earlier run). Each PNG
+    is written to a temporary name and renamed, so an interrupted run never leaves a truncated sample that a
+    resume would keep.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "seed": seed,
+        "guidance_scale": guidance_scale,
+        "num_inference_steps": num_inference_steps,
+        "num_classes": pipeline.transformer.config.num_classes,
+        "label_rule": "index % num_classes",
+        "seed_rule": "seed + index",
+    }
+    settings_path = folder / SETTINGS_FILE
+    if settings_path.exists():
+        previous = json.loads(settings_path.read_text())
+        if previous != settings:
+            raise ValueError(
+                f"{str(folder)!r} holds samples made with {previous}, not {settings}; use a new folder"
+            )
+    else:
+        settings_path.write_text(json.dumps(settings, indent=2))
+
+    existing = {int(p.stem) for p in folder.glob("*.png") if p.stem.isdigit()}
+    missing = [i for i in range(num_samples) if i not in existing]
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        images, _ = sample_images(pipeline, chunk, seed, guidance_scale, num_inference_steps, batch_size)
+        for index, image in zip(chunk, images):
+            tmp = folder / f".{index:06d}.png.tmp"
+            _to_pil(image).save(tmp, format="PNG")
+            os.replace(tmp, sample_path(folder, index))
+    return [sample_path(folder, i) for i in range(num_samples)]
+
+
+def sample_path(folder: Path, index: int) -> Path:
+    return folder / f"{index:06d}.png"

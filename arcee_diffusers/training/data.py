@@ -1,0 +1,151 @@
+"""Training data: any 🤗 dataset with an image column, a local image folder, or the embedded digits.
+
+Every source ends up as a ``datasets.Dataset`` whose transform yields ``pixel_values`` in [-1, 1] and, when
+the data has labels, integer ``class_labels``. Images are decoded lazily by our own transform so that an
+unreadable file is reported by name instead of deep inside the data loader.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+DIGITS_RESOLUTION = 8
+
+
+def load_digits_dataset() -> datasets.Dataset:
+    """scikit-learn's bundled handwritten digits (1,797 grey 8×8 images, 10 classes) as a labelled dataset.
+
+    The bundled pixels take 17 grey levels (0–16); they are stored as 8-bit PNGs with ``round(v * 255 / 16)``.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    levels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    )
+    images = [Image.fromarray(img, mode="L") for img in levels]
+    return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+
+
+def load_train_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | os.PathLike | None = None,
+    cache_dir: str | None = None,
+    split: str = "train",
+) -> datasets.Dataset:
+    """A Hub/local dataset by name, an image folder (labels from sub-folders), or the embedded digits."""
+    if dataset_name is not None:
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+        source = f"dataset {dataset_name!r}"
+    elif train_data_dir is not None:
+        root = Path(train_data_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"train_data_dir {str(root)!r} does not exist or is not a directory")
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*") if p.is_file()):
+            raise ValueError(f"train_data_dir {str(root)!r} contains no images")
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir, split=split)
+        source = f"train_data_dir {str(root)!r}"
+    else:
+        dataset = load_digits_dataset()
+        source = "the digits dataset"
+    if len(dataset) == 0:
+        raise ValueError(f"{source} is empty")
+    return dataset
+
+
+def check_columns(dataset: datasets.Dataset, image_column: str, label_column: str | None) -> None:
+    for name, column in (("image_column", image_column), ("label_column", label_column)):
+        if column is not None and column not in dataset.column_names:
+            raise ValueError(f"{name} {column!r} not found; the dataset has columns {dataset.column_names}")
+
+
+def num_classes_of(dataset: datasets.Dataset, label_column: str) -> int:
+    """Number of classes: the ``ClassLabel`` size, else ``max(label) + 1`` for integer labels."""
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    if not isinstance(feature, datasets.Value) or not feature.dtype.startswith("int"):
+        raise ValueError(f"label_column {label_column!r} must hold integer class ids, got {feature}")
+    return int(max(dataset[label_column])) + 1
+
+
+def _open_image(value: dict | Image.Image, index: int) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    name = value.get("path") or f"row {index}"
+    try:
+        image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        image.load()
+    except Exception as err:  # PIL raises several unrelated types for bad files
+        raise ValueError(f"cannot read image {name}: {type(err).__name__}: {err}") from None
+    return image
+
+
+def image_mode_of(dataset: datasets.Dataset, image_column: str) -> str:
+    """``"L"`` when the first image is greyscale, else ``"RGB"``; every image is converted to it."""
+    first = dataset.cast_column(image_column, datasets.Image(decode=False))[0][image_column]
+    return "L" if _open_image(first, 0).mode in ("1", "L", "I", "I;16", "F") else "RGB"
+
+
+def image_transform(resolution: int, center_crop: bool = True) -> Callable:
+    """PIL image → tensor in [-1, 1]: resize the short side, then a center (or random) square crop.
+
+    Random flips are not here but in :func:`random_hflip`, applied by the training step: the data loader
+    prefetches a batch ahead, so randomness drawn while loading would escape the checkpointed RNG state.
+    """
+    return transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+
+
+def random_hflip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror each image of ``(B, C, H, W)`` with probability 1/2 (global torch RNG)."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def with_image_transform(
+    dataset: datasets.Dataset,
+    transform: Callable,
+    image_column: str = "image",
+    label_column: str | None = None,
+    mode: str = "RGB",
+) -> datasets.Dataset:
+    """Attach a lazy transform producing ``pixel_values`` (and ``class_labels`` when ``label_column``)."""
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+
+    def apply(batch: dict) -> dict:
+        images = [_open_image(v, i).convert(mode) for i, v in enumerate(batch[image_column])]
+        out = {"pixel_values": [transform(image) for image in images]}
+        if label_column is not None:
+            out["class_labels"] = batch[label_column]
+        return out
+
+    return dataset.with_transform(apply)
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack tensors (``pixel_values`` or ``latents``) and turn ``class_labels`` into a long tensor."""
+    return {
+        key: torch.stack([e[key] for e in examples])
+        if torch.is_tensor(examples[0][key])
+        else torch.tensor([e[key] for e in examples], dtype=torch.long)
+        for key in examples[0]
+    }

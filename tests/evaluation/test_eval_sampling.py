@@ -1,0 +1,115 @@
+"""Seeded, resumable sample folders and train_scripts/eval_fid.py with an offline feature extractor."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from arcee_diffusers.evaluation import sampling
+from arcee_diffusers.models import ArceeZigmaTransformer
+from arcee_diffusers.pipelines.pipeline_arcee_zigma import ArceeZigmaPipeline
+from arcee_diffusers.schedulers.scheduling_gvp_flow import FlowMatchGVPScheduler
+
+EVAL_SCRIPT = Path(__file__).resolve().parents[2] / "train_scripts" / "eval_fid.py"
+
+
+@pytest.fixture
+def pipeline():
+    torch.manual_seed(0)
+    transformer = ArceeZigmaTransformer(
+        sample_size=8,
+        patch_size=2,
+        in_channels=3,
+        out_channels=3,
+        num_layers=2,
+        hidden_size=16,
+        d_state=4,
+        num_classes=3,
+    )
+    with torch.no_grad():  # a non-zero head, so samples depend on the model and the labels
+        for p in transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe = ArceeZigmaPipeline(transformer, FlowMatchGVPScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def read(path):
+    return np.asarray(Image.open(path))
+
+
+def test_sample_depends_on_index_not_on_batch(pipeline):
+    together, labels = sampling.sample_images(pipeline, range(5), seed=3, num_inference_steps=3, batch_size=5)
+    apart, _ = sampling.sample_images(pipeline, [3, 4], seed=3, num_inference_steps=3, batch_size=1)
+    np.testing.assert_allclose(together[3:], apart, atol=1e-5)
+    assert labels.tolist() == [0, 1, 2, 0, 1]
+    assert all(not np.allclose(together[i], together[j]) for i in range(5) for j in range(i))
+
+
+def test_generate_samples_resumes_without_repeating_seeds(pipeline, tmp_path):
+    folder = tmp_path / "samples"
+    paths = sampling.generate_samples(pipeline, folder, 6, seed=0, num_inference_steps=2, batch_size=4)
+    assert [p.name for p in paths] == [f"{i:06d}.png" for i in range(6)]
+    first = {p.name: read(p) for p in paths}
+    for name in ("000001.png", "000004.png"):
+        (folder / name).unlink()
+    (folder / ".000005.png.tmp").write_bytes(b"left by a crash")
+    kept_mtime = (folder / "000000.png").stat().st_mtime_ns
+
+    paths = sampling.generate_samples(pipeline, folder, 8, seed=0, num_inference_steps=2, batch_size=4)
+    assert len(paths) == 8 and (folder / "000000.png").stat().st_mtime_ns == kept_mtime
+    for name, image in first.items():
+        np.testing.assert_array_equal(read(folder / name), image)  # regenerated = identical, same seed
+    images = [read(p).astype(int) for p in paths]
+    assert all(np.abs(images[i] - images[j]).sum() > 0 for i in range(8) for j in range(i))
+    with pytest.raises(ValueError, match="holds samples made with"):
+        sampling.generate_samples(pipeline, folder, 8, seed=1, num_inference_steps=2)
+
+
+def test_eval_fid_script_offline(pipeline, tmp_path):
+    spec = importlib.util.spec_from_file_location("eval_fid", EVAL_SCRIPT)
+    eval_fid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_fid)
+    pipeline.save_pretrained(tmp_path / "pipe")
+    real = tmp_path / "real"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(real / f"{i}.png")
+
+    args = eval_fid.parse_args(
+        [
+            "--pipeline",
+            str(tmp_path / "pipe"),
+            "--reference_dir",
+            str(real),
+            "--sample_dir",
+            str(tmp_path / "gen"),
+            "--num_samples",
+            "10",
+            "--num_inference_steps",
+            "2",
+            "--guidance_scale",
+            "2",
+            "--feature_extractor",
+            "fid_test_extractors:mean_colour_extractor",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--output_json",
+            str(tmp_path / "fid.json"),
+            "--device",
+            "cpu",
+        ]
+    )
+    metrics = eval_fid.main(args)
+    assert json.loads((tmp_path / "fid.json").read_text()) == metrics
+    assert metrics["num_generated"] == 10 and metrics["fid"] > 0 and np.isfinite(metrics["kid_x1e3"])
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 10
+    with pytest.raises(ValueError, match="module:function"):
+        eval_fid.load_extractor("no_colon")
