@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from arcee_diffusers.evaluation import compute_fid_kid, generate_samples
+from arcee_diffusers.evaluation import compute_fid_kid, describe_solver, generate_samples, mean_model_calls
 from arcee_diffusers.pipelines.pipeline_arcee_zigma import ArceeZigmaPipeline
 
 
@@ -65,7 +65,11 @@ def main(args: argparse.Namespace) -> dict:
     metrics = compute_fid_kid(samples, args.reference_dir, extractor, name, args.cache_dir, args.device)
     settings = ("variant", "num_samples", "seed", "guidance_scale")
     metrics.update(
-        pipeline=str(args.pipeline), num_inference_steps=steps, **{k: getattr(args, k) for k in settings}
+        pipeline=str(args.pipeline),
+        num_inference_steps=steps,
+        solver=describe_solver(pipeline, steps),
+        nfe=mean_model_calls(args.sample_dir, args.num_samples),
+        **{k: getattr(args, k) for k in settings},
     )
     print(json.dumps(metrics, indent=2))
     if args.output_json:

@@ -453,7 +453,7 @@ def log_sample_grid(
     """A grid of 8 samples per class (or 64 unconditional samples), saved as PNG and sent to the trackers."""
     num_classes = pipeline.transformer.config.num_classes
     count = 8 * num_classes if num_classes else 64
-    images, _ = sampling.sample_images(
+    images, _, _ = sampling.sample_images(
         pipeline,
         range(count),
         args.seed,
@@ -485,7 +485,12 @@ def run_evaluation(args, pipeline: ArceeZigmaPipeline, sample_dir: Path) -> dict
         samples = sampling.generate_samples(
             pipeline, sample_dir, args.fid_num_samples, args.seed, args.guidance_scale
         )
-        return fid.compute_fid_kid(samples, args.fid_reference_dir, device=pipeline.device)
+        metrics = fid.compute_fid_kid(samples, args.fid_reference_dir, device=pipeline.device)
+        metrics.update(
+            solver=sampling.describe_solver(pipeline, None),
+            nfe=sampling.mean_model_calls(sample_dir, args.fid_num_samples),
+        )
+        return metrics
     return {}
 
 

@@ -2,14 +2,16 @@
 
 from .digits import evaluate_digit_samples, evaluate_digits_pipeline, train_digit_classifier
 from .fid import compute_fid_kid, folder_content_key, reference_features
-from .sampling import generate_samples, sample_images, save_image_grid
+from .sampling import describe_solver, generate_samples, mean_model_calls, sample_images, save_image_grid
 
 __all__ = [
     "compute_fid_kid",
+    "describe_solver",
     "evaluate_digit_samples",
     "evaluate_digits_pipeline",
     "folder_content_key",
     "generate_samples",
+    "mean_model_calls",
     "reference_features",
     "sample_images",
     "save_image_grid",

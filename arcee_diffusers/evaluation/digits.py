@@ -174,7 +174,10 @@ def evaluate_digits_pipeline(
     counts = {1.0: num_samples, float(guidance_scale): min(num_guided_samples, num_samples)}
     results = {}
     for scale, count in counts.items():
-        images, labels = sample_images(pipeline, range(count), seed, scale, num_inference_steps, batch_size)
+        images, labels, model_calls = sample_images(
+            pipeline, range(count), seed, scale, num_inference_steps, batch_size
+        )
         metrics = evaluate_digit_samples(to_digit_images(images), labels)
+        metrics["nfe"] = float(np.mean(model_calls))
         results.update({f"guidance_{scale:g}/{name}": value for name, value in metrics.items()})
     return results

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 SETTINGS_FILE = "generation.json"
+MODEL_CALLS_FILE = "model_calls.json"
 
 
 def sample_label(index: int, num_classes: int | None) -> int | None:
@@ -31,12 +32,13 @@ def sample_images(
     guidance_scale: float = 1.0,
     num_inference_steps: int | None = None,
     batch_size: int = 64,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images ``(N, H, W, C)`` in [0, 1] for sample ``indices`` (and their labels for conditional models)."""
+) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+    """Images ``(N, H, W, C)`` in [0, 1] for sample ``indices``, their labels (None for unconditional
+    models) and, per sample, the true number of model calls that made it (adaptive solvers vary)."""
     num_classes = pipeline.transformer.config.num_classes
     device = pipeline._execution_device
     indices = list(indices)
-    images = []
+    images, model_calls = [], []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         generators = [torch.Generator(device).manual_seed(seed + i) for i in chunk]
@@ -50,8 +52,9 @@ def sample_images(
             output_type="np",
         )
         images.append(output.images)
+        model_calls += [output.nfe] * len(chunk)
     labels = None if num_classes is None else np.array([sample_label(i, num_classes) for i in indices])
-    return np.concatenate(images), labels
+    return np.concatenate(images), labels, model_calls
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -118,14 +121,44 @@ def generate_samples(
 
     existing = {int(p.stem) for p in folder.glob("*.png") if p.stem.isdigit()}
     missing = [i for i in range(num_samples) if i not in existing]
+    calls_path = folder / MODEL_CALLS_FILE
+    calls = json.loads(calls_path.read_text()) if calls_path.exists() else {}
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
-        images, _ = sample_images(pipeline, chunk, seed, guidance_scale, num_inference_steps, batch_size)
+        images, _, chunk_calls = sample_images(
+            pipeline, chunk, seed, guidance_scale, num_inference_steps, batch_size
+        )
         for index, image in zip(chunk, images):
             tmp = folder / f".{index:06d}.png.tmp"
             _to_pil(image).save(tmp, format="PNG")
             os.replace(tmp, sample_path(folder, index))
+        calls.update({str(index): count for index, count in zip(chunk, chunk_calls)})
+        _write_atomically(calls_path, json.dumps(calls))
     return [sample_path(folder, i) for i in range(num_samples)]
+
+
+def describe_solver(pipeline, num_inference_steps: int | None) -> str:
+    """How ``pipeline(num_inference_steps=...)`` integrates the ODE, for metric reports and model cards."""
+    scheduler, config = pipeline.scheduler, pipeline.scheduler.config
+    if num_inference_steps is None or config.get("solver") == "dopri5":
+        atol, rtol = config.get("atol", 1e-6), config.get("rtol", 1e-3)
+        return f"dopri5 (adaptive, atol {atol:g}, rtol {rtol:g})"
+    solver = f" {config['solver']}" if "solver" in config else ""
+    return f"{type(scheduler).__name__}{solver}, {num_inference_steps} steps"
+
+
+def mean_model_calls(folder: str | os.PathLike, num_samples: int) -> float | None:
+    """Mean true model calls per sample over samples ``0 .. num_samples-1`` (None if not all recorded)."""
+    calls_path = Path(folder) / MODEL_CALLS_FILE
+    calls = json.loads(calls_path.read_text()) if calls_path.exists() else {}
+    recorded = [calls.get(str(i)) for i in range(num_samples)]
+    return None if None in recorded or not recorded else float(np.mean(recorded))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def sample_path(folder: Path, index: int) -> Path:

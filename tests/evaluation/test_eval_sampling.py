@@ -45,10 +45,13 @@ def read(path):
 
 
 def test_sample_depends_on_index_not_on_batch(pipeline):
-    together, labels = sampling.sample_images(pipeline, range(5), seed=3, num_inference_steps=3, batch_size=5)
-    apart, _ = sampling.sample_images(pipeline, [3, 4], seed=3, num_inference_steps=3, batch_size=1)
+    together, labels, calls = sampling.sample_images(
+        pipeline, range(5), seed=3, num_inference_steps=3, batch_size=5
+    )
+    apart, _, _ = sampling.sample_images(pipeline, [3, 4], seed=3, num_inference_steps=3, batch_size=1)
     np.testing.assert_allclose(together[3:], apart, atol=1e-5)
     assert labels.tolist() == [0, 1, 2, 0, 1]
+    assert calls == [3] * 5  # Euler: one model call per step
     assert all(not np.allclose(together[i], together[j]) for i in range(5) for j in range(i))
 
 
@@ -64,6 +67,8 @@ def test_generate_samples_resumes_without_repeating_seeds(pipeline, tmp_path):
 
     paths = sampling.generate_samples(pipeline, folder, 8, seed=0, num_inference_steps=2, batch_size=4)
     assert len(paths) == 8 and (folder / "000000.png").stat().st_mtime_ns == kept_mtime
+    assert sampling.mean_model_calls(folder, 8) == 2.0
+    assert sampling.mean_model_calls(folder, 9) is None  # sample 8 was never made
     for name, image in first.items():
         np.testing.assert_array_equal(read(folder / name), image)  # regenerated = identical, same seed
     images = [read(p).astype(int) for p in paths]
@@ -110,6 +115,8 @@ def test_eval_fid_script_offline(pipeline, tmp_path):
     metrics = eval_fid.main(args)
     assert json.loads((tmp_path / "fid.json").read_text()) == metrics
     assert metrics["num_generated"] == 10 and metrics["fid"] > 0 and np.isfinite(metrics["kid_x1e3"])
+    # guidance runs both halves as one batch: one model call per Euler step
+    assert metrics["nfe"] == 2.0 and metrics["solver"] == "FlowMatchGVPScheduler euler, 2 steps"
     assert len(list((tmp_path / "gen").glob("*.png"))) == 10
     with pytest.raises(ValueError, match="module:function"):
         eval_fid.load_extractor("no_colon")
