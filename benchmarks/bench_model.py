@@ -21,6 +21,8 @@ import torch
 
 from arcee_diffusers import ArceeZigmaTransformer
 from arcee_diffusers.models import PRESETS
+from arcee_diffusers.schedulers.flow_paths import get_flow_path
+from arcee_diffusers.training import flow_matching_loss
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,15 +81,11 @@ def make_step(model: ArceeZigmaTransformer, args: argparse.Namespace, device: to
     data = torch.randn(shape, device=device, generator=generator)
     noise = torch.randn(shape, device=device, generator=generator)
     t = torch.rand(args.batch, device=device, generator=generator)
-    # SiT's GVP path, t = 0 noise, t = 1 data
-    angle = (torch.pi / 2 * t)[:, None, None, None]
-    x_t = angle.sin() * data + angle.cos() * noise
-    target = torch.pi / 2 * (angle.cos() * data - angle.sin() * noise)
+    path = get_flow_path("gvp")  # the paper's path, as train_fm.py uses it
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            velocity = model(x_t, t).sample
-        loss = (velocity.float() - target).square().mean()
+            loss = flow_matching_loss(model, data, t, path, noise=noise)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
