@@ -242,6 +242,14 @@ def _backward(ctx, dout, dh_T, _dcheckpoints, _dy_pregate):
 torch.library.register_autograd("arcee_scan::selective_scan_fwd", _backward, setup_context=_setup_context)
 
 
+def _activated_delta(delta: Tensor, delta_bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``softplus(delta + delta_bias)`` in the scan's compute dtype, threshold 20 as in every backend."""
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    return torch.nn.functional.softplus(delta, threshold=20.0)
+
+
 def _check_float(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -362,6 +370,14 @@ def selective_scan(
     if backend == "reference":
         y, h_T = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     else:
+        if backend == "torch" and delta_softplus:
+            # the torch backend would run softplus twice, in the forward and in the recomputing backward;
+            # outside the op autograd runs it once and keeps what its backward needs
+            delta, delta_bias, delta_softplus = (
+                _activated_delta(delta, delta_bias, _state_dtype(u)),
+                None,
+                False,
+            )
         y, h_T, _, _ = _selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, chunk_size,
             bool(deterministic), backend,

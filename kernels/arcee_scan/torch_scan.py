@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ __all__ = ["scan_backward", "scan_forward"]
 # Elements of one chunk buffer per channel block (four are live in the backward, 8 MB in fp32). Measured on
 # a 2-core x86 VM (2 MB L2): 2**18..2**19 is fastest; smaller blocks pay more per-op overhead, larger ones
 # fall out of cache.
-CPU_BLOCK_ELEMENTS = 2**19
+CPU_BLOCK_ELEMENTS = 2**21
 CUDA_BLOCK_ELEMENTS = 2**26
 SOFTPLUS_THRESHOLD = 20.0
 
@@ -69,6 +69,7 @@ def _channel_blocks(
     """Split the channels into ``(c0, c1, g0, g1)`` blocks that either hold whole groups or lie inside one.
 
     Within a block the B/C view is then ``B[:, g0:g1]`` with ``(c1 - c0) // (g1 - g0)`` channels per group.
+    Blocks hold at most ``budget`` elements per chunk buffer.
     """
     per_group = dim // groups
     channels = max(1, budget // (batch * d_state * chunk_size))
@@ -145,9 +146,16 @@ class _Block:
         return x[:, self.c0 : self.c1].view(self.batch, self.groups, self.per_group, -1).transpose(-1, -2)
 
     def checkpoints(self, checkpoints: Tensor) -> Tensor:
-        """(b, d, n_chunks, N) -> (n_chunks, b, g, N, e)."""
-        per_group = checkpoints[:, self.c0 : self.c1].unflatten(1, (self.groups, self.per_group))
-        return per_group.permute(3, 0, 1, 4, 2)
+        """The contract's (b, d, n_chunks, N) tensor -> this block's (n_chunks, b, g, N, e) view.
+
+        The checkpoints are private to this backend (only its own backward reads them), so the memory of the
+        contiguous (b, d, n_chunks, N) tensor holds them as (n_chunks, b, N, d), channels innermost like the
+        chunk buffers: storing and reading one is then a plain strided copy, not a transpose.
+        """
+        batch, dim, n_chunks, d_state = checkpoints.shape
+        channels_last = checkpoints.view(-1).view(n_chunks, batch, d_state, dim)
+        per_group = channels_last[..., self.c0 : self.c1].unflatten(-1, (self.groups, self.per_group))
+        return per_group.transpose(2, 3)
 
     def buffer(self, flat: Tensor, steps: int) -> Tensor:
         shape = (steps, self.batch, self.groups, self.d_state, self.per_group)
@@ -163,9 +171,28 @@ class _Block:
         torch.mul(self.delta_u[t0:t1], self.B_col[t0:t1], out=states)
 
 
-def _run_recurrence(states: Tensor, decay: Tensor, h: Tensor) -> None:
+class _ChunkBuffers:
+    """A block's chunk buffers for chunks of ``steps`` steps, whole and as per-step views.
+
+    The buffers are the same memory for every chunk of the block, so the per-step views (one ``select`` per
+    step and buffer, which at small shapes costs as much as the arithmetic) are made once, not per chunk.
+    """
+
+    def __init__(self, block: _Block, flats: list[Tensor], steps: int):
+        self.whole = [block.buffer(flat, steps) for flat in flats]
+        self.steps = [buffer.unbind(0) for buffer in self.whole]
+
+    @staticmethod
+    def by_length(
+        block: _Block, flats: list[Tensor], chunk_size: int, length: int
+    ) -> dict[int, _ChunkBuffers]:
+        lengths = {min(chunk_size, length), length % chunk_size or chunk_size}
+        return {steps: _ChunkBuffers(block, flats, steps) for steps in lengths}
+
+
+def _run_recurrence(states: tuple[Tensor, ...], decay: tuple[Tensor, ...], h: Tensor) -> None:
     """states holds b_t on entry and h_t = a_t h_{t-1} + b_t on exit; h is the state entering the chunk."""
-    for state, a in zip(states.unbind(0), decay.unbind(0)):
+    for state, a in zip(states, decay):
         state.addcmul_(a, h)
         h = state
 
@@ -174,7 +201,7 @@ _cpu_workspace = threading.local()
 
 
 def _chunk_buffers(count: int, size: int, like: Tensor) -> list[Tensor]:
-    """``count`` flat scratch buffers of ``size`` elements.
+    """``count`` flat scratch buffers of ``size`` elements, for the calling thread.
 
     On CPU they are views of a per-thread workspace kept between calls: a few MB freshly allocated per call
     come back from the OS as new pages, and first-touch page faults cost more than the scan's own arithmetic
@@ -192,13 +219,60 @@ def _chunk_buffers(count: int, size: int, like: Tensor) -> list[Tensor]:
     return [workspace[i * size : (i + 1) * size] for i in range(count)]
 
 
-def _blocks_and_buffers(
-    batch: int, dim: int, groups: int, d_state: int, chunk_size: int, length: int, like: Tensor, count: int
-) -> tuple[list[tuple[int, int, int, int]], list[Tensor]]:
-    budget = CPU_BLOCK_ELEMENTS if like.device.type == "cpu" else CUDA_BLOCK_ELEMENTS
-    blocks = _channel_blocks(batch, dim, groups, d_state, min(chunk_size, length), budget)
-    size = min(chunk_size, length) * batch * d_state * max(c1 - c0 for c0, c1, _, _ in blocks)
-    return blocks, _chunk_buffers(count, size, like)
+class _Plan:
+    """The channel blocks of one call and the size of their chunk buffers."""
+
+    def __init__(self, inputs: _Inputs, groups: int, chunk_size: int):
+        self.length, batch, dim = inputs.delta_tm.shape
+        d_state = inputs.A_T.shape[0]
+        self.chunk_size = chunk_size
+        self.n_chunks = math.ceil(self.length / chunk_size)
+        self.device = inputs.u.device
+        budget = CPU_BLOCK_ELEMENTS if self.device.type == "cpu" else CUDA_BLOCK_ELEMENTS
+        steps = min(chunk_size, self.length)
+        self.blocks = _channel_blocks(batch, dim, groups, d_state, steps, budget)
+        self.buffer_size = steps * batch * d_state * max(c1 - c0 for c0, c1, _, _ in self.blocks)
+
+    def chunks(self) -> list[tuple[int, int, int]]:
+        """``(index, t0, t1)`` of every chunk."""
+        starts = range(0, self.length, self.chunk_size)
+        return [(index, t0, min(t0 + self.chunk_size, self.length)) for index, t0 in enumerate(starts)]
+
+    def run(self, run_block: Callable[[_Block], object], inputs: _Inputs) -> list:
+        """``run_block`` on every block, in order, with denormals flushed."""
+        with flush_denormals(self.device):
+            return [run_block(_Block(spec, inputs)) for spec in self.blocks]
+
+
+class _ForwardPass:
+    """Fills ``y_tm``, ``h_final`` and ``checkpoints`` one channel block at a time."""
+
+    def __init__(self, inputs: _Inputs, plan: _Plan, initial_state: Tensor | None):
+        self.inputs, self.plan, self.initial_state = inputs, plan, initial_state
+        length, batch, dim = inputs.delta_tm.shape
+        d_state = inputs.A_T.shape[0]
+        self.y_tm = inputs.u.new_empty(length, batch, dim)
+        self.h_final = inputs.u.new_empty(batch, dim, d_state)
+        self.checkpoints = inputs.u.new_empty(batch, dim, plan.n_chunks, d_state)
+
+    def run_block(self, block: _Block) -> None:
+        plan = self.plan
+        buffers = _ChunkBuffers.by_length(
+            block, _chunk_buffers(2, plan.buffer_size, self.inputs.u), plan.chunk_size, plan.length
+        )
+        block_checkpoints = block.checkpoints(self.checkpoints)
+        y_block = block.channels(self.y_tm)
+        h = block.state(self.initial_state) if self.initial_state is not None else None
+        for index, t0, t1 in plan.chunks():
+            chunk = buffers[t1 - t0]
+            (decay, states), (decay_steps, state_steps) = chunk.whole, chunk.steps
+            h_in = block_checkpoints[index]
+            h_in.copy_(h) if h is not None else h_in.zero_()
+            block.fill_decay_and_input(t0, t1, decay, states)
+            _run_recurrence(state_steps, decay_steps, h_in)
+            h = states[-1]
+            y_block[t0:t1] = torch.matmul(block.C_row[t0:t1], states)  # y_t = sum_n C_t[n] h_t[n]
+        block.state(self.h_final).copy_(h)
 
 
 def scan_forward(
@@ -216,35 +290,13 @@ def scan_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """See the backend contract in kernels/arcee_scan/interface.py."""
     dtype = compute_dtype(u)
-    batch, dim, length = u.shape
-    groups, d_state = B.shape[1], B.shape[2]
-    with flush_denormals(u.device), torch.no_grad():
+    with torch.no_grad():
         inputs = _Inputs(u, delta, A, B, C, delta_bias, delta_softplus, dtype)
-        y_tm = inputs.u.new_empty(length, batch, dim)
-        h_final = inputs.u.new_empty(batch, dim, d_state)
-        checkpoints = inputs.u.new_empty(batch, dim, math.ceil(length / chunk_size), d_state)
-        blocks, (decay_flat, states_flat) = _blocks_and_buffers(
-            batch, dim, groups, d_state, chunk_size, length, inputs.u, 2
-        )
-        for block in (_Block(b, inputs) for b in blocks):
-            block_checkpoints, y_block = block.checkpoints(checkpoints), block.channels(y_tm)
-            h = (
-                block.state(initial_state)
-                if initial_state is not None
-                else torch.zeros_like(block_checkpoints[0])
-            )
-            for index, t0 in enumerate(range(0, length, chunk_size)):
-                t1 = min(t0 + chunk_size, length)
-                decay, states = block.buffer(decay_flat, t1 - t0), block.buffer(states_flat, t1 - t0)
-                h_in = block_checkpoints[index]
-                h_in.copy_(h)
-                block.fill_decay_and_input(t0, t1, decay, states)
-                _run_recurrence(states, decay, h_in)
-                h = states[-1]
-                y_block[t0:t1] = torch.matmul(block.C_row[t0:t1], states)  # y_t = sum_n C_t[n] h_t[n]
-            block.state(h_final).copy_(h)
+        plan = _Plan(inputs, B.shape[1], chunk_size)
+        forward = _ForwardPass(inputs, plan, initial_state)
+        plan.run(forward.run_block, inputs)
 
-        y = y_tm.permute(1, 2, 0).contiguous()
+        y = forward.y_tm.permute(1, 2, 0).contiguous()
         if D is not None:
             y.addcmul_(inputs.u, D.to(dtype)[:, None])
         y_pregate = None
@@ -252,7 +304,82 @@ def scan_forward(
         if z is not None:
             y_pregate = y
             out = y * F.silu(z.to(dtype))
-    return out.to(u.dtype), h_final, checkpoints, y_pregate
+    return out.to(u.dtype), forward.h_final, forward.checkpoints, y_pregate
+
+
+class _BackwardPass:
+    """Walks each channel block's chunks in reverse: recompute the states, run the adjoint, reduce.
+
+    Blocks write disjoint channels of ``S_tm``, ``ddelta_state_tm``, ``dA_T`` and ``dh0``. dB and dC sum over
+    a group's channels, which a block may share with others, so each block returns its part and the caller
+    adds the parts up.
+    """
+
+    def __init__(self, inputs: _Inputs, plan: _Plan, dy_tm: Tensor, dh_T: Tensor | None, checkpoints: Tensor):
+        self.inputs, self.plan, self.dy_tm, self.dh_T, self.checkpoints = (
+            inputs,
+            plan,
+            dy_tm,
+            dh_T,
+            checkpoints,
+        )
+        length, batch, dim = inputs.delta_tm.shape
+        d_state = inputs.A_T.shape[0]
+        self.dA_T = torch.empty_like(inputs.A_T)
+        self.S_tm = inputs.u.new_empty(length, batch, dim)  # sum_n g_t B_t
+        self.ddelta_state_tm = inputs.u.new_empty(length, batch, dim)  # sum_n g_t a_t h_{t-1} A
+        self.dh0 = inputs.u.new_empty(batch, dim, d_state)
+
+    def run_block(self, block: _Block) -> tuple[Tensor, Tensor]:
+        plan, inputs = self.plan, self.inputs
+        buffers = _ChunkBuffers.by_length(
+            block, _chunk_buffers(4, plan.buffer_size, inputs.u), plan.chunk_size, plan.length
+        )
+        block_checkpoints = block.checkpoints(self.checkpoints)
+        dy_block = block.channels(self.dy_tm)
+        dy_col, delta_u_col = dy_block.transpose(-1, -2), block.delta_u.transpose(-1, -2)  # (L, b, g, e, 1)
+        shape_BC = (plan.length, block.batch, block.groups, block.d_state, 1)
+        dB_block, dC_block = inputs.u.new_empty(shape_BC), inputs.u.new_empty(shape_BC)
+        S_block, ddelta_state_block = block.channels(self.S_tm), block.channels(self.ddelta_state_tm)
+        dA_block = inputs.u.new_zeros(block.groups * block.d_state * block.per_group)
+        ones = inputs.u.new_ones(plan.chunk_size * block.batch)
+        # carry = a_{t+1} g_{t+1}: what flows into g_t from the step after it
+        carry = block.state(self.dh_T) if self.dh_T is not None else None
+        for index, t0, t1 in reversed(plan.chunks()):
+            chunk = buffers[t1 - t0]
+            (decay, states, adjoint, scratch), (decay_steps, state_steps, adjoint_steps, _) = (
+                chunk.whole,
+                chunk.steps,
+            )
+            h_in = block_checkpoints[index]
+            block.fill_decay_and_input(t0, t1, decay, states)
+            _run_recurrence(state_steps, decay_steps, h_in)
+
+            # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, one in-place addcmul per step
+            torch.mul(dy_block[t0:t1], block.C_col[t0:t1], out=adjoint)
+            if carry is not None:
+                adjoint_steps[-1].add_(carry)
+            for step in range(t1 - t0 - 2, -1, -1):
+                adjoint_steps[step].addcmul_(decay_steps[step + 1], adjoint_steps[step + 1])
+            # decay[t] <- a_t g_t; the first step's is what flows into the previous chunk
+            decay.mul_(adjoint)
+            carry = decay[0].clone()
+
+            # dC = sum over the block's channels of dy h, dB = of g delta u; S = sum_n g B
+            torch.matmul(states, dy_col[t0:t1], out=dC_block[t0:t1])
+            torch.matmul(adjoint, delta_u_col[t0:t1], out=dB_block[t0:t1])
+            S_block[t0:t1] = torch.matmul(block.B_row[t0:t1], adjoint)
+
+            # decay[t] <- a_t g_t h_{t-1}, from the stored states: never divide by a_t
+            decay[1:].mul_(states[:-1])
+            decay[0].mul_(h_in)
+            ddelta_state_block[t0:t1] = torch.mul(decay, block.A, out=scratch).sum(-2, keepdim=True)
+            # dA += sum over steps and batch of a_t g_t h_{t-1} delta_t, the sum as a matrix-vector product
+            rows = decay.mul_(block.delta[t0:t1]).view(-1, dA_block.numel())
+            dA_block.addmv_(rows.t(), ones[: rows.shape[0]])
+        block.state(self.dh0).copy_(carry)
+        block.per_channel_state(self.dA_T).copy_(dA_block.view(block.groups, block.d_state, block.per_group))
+        return dB_block.squeeze(-1), dC_block.squeeze(-1)
 
 
 def scan_backward(
@@ -276,8 +403,8 @@ def scan_backward(
     """See the backend contract in kernels/arcee_scan/interface.py. Always deterministic (no atomics)."""
     dtype = compute_dtype(u)
     batch, dim, length = u.shape
-    groups, d_state = B.shape[1], B.shape[2]
-    with flush_denormals(u.device), torch.no_grad():
+    groups = B.shape[1]
+    with torch.no_grad():
         inputs = _Inputs(u, delta, A, B, C, delta_bias, delta_softplus, dtype)
         # gradient of the pre-gate y
         if dout is None:
@@ -290,72 +417,18 @@ def scan_backward(
             sig = torch.sigmoid(z_c)
             dy = dout * z_c * sig
             dz = (dout * y_pregate * sig * (1 + z_c * (1 - sig))).to(z.dtype)
-        dy_tm = _time_major(dy, dtype)
 
-        dA_T = torch.zeros_like(inputs.A_T)
-        dB_tm = inputs.B_tm.new_zeros(length, batch, groups, d_state)
-        dC_tm = inputs.C_tm.new_zeros(length, batch, groups, d_state)
-        S_tm = inputs.u.new_empty(length, batch, dim)  # sum_n g_t B_t
-        ddelta_state_tm = inputs.u.new_empty(length, batch, dim)  # sum_n g_t a_t h_{t-1} A
-        dh0 = inputs.u.new_empty(batch, dim, d_state)
+        plan = _Plan(inputs, groups, chunk_size)
+        backward = _BackwardPass(inputs, plan, _time_major(dy, dtype), dh_T, checkpoints)
+        dB_tm = inputs.B_tm.new_zeros(inputs.B_tm.shape)  # (L, b, G, N)
+        dC_tm = inputs.C_tm.new_zeros(inputs.C_tm.shape)
+        for (_, _, g0, g1), (dB_block, dC_block) in zip(plan.blocks, plan.run(backward.run_block, inputs)):
+            dB_tm[:, :, g0:g1] += dB_block
+            dC_tm[:, :, g0:g1] += dC_block
 
-        blocks, (decay_flat, states_flat, adjoint_flat, scratch_flat) = _blocks_and_buffers(
-            batch, dim, groups, d_state, chunk_size, length, inputs.u, 4
-        )
-        chunk_starts = list(range(0, length, chunk_size))
-        for block in (_Block(b, inputs) for b in blocks):
-            block_checkpoints = block.checkpoints(checkpoints)
-            dy_block = block.channels(dy_tm)
-            dy_col, delta_u_col = (
-                dy_block.transpose(-1, -2),
-                block.delta_u.transpose(-1, -2),
-            )  # (L, b, g, e, 1)
-            dB_block, dC_block = (
-                dB_tm[:, :, block.group_slice, :, None],
-                dC_tm[:, :, block.group_slice, :, None],
-            )
-            S_block, ddelta_state_block = block.channels(S_tm), block.channels(ddelta_state_tm)
-            dA_block = block.per_channel_state(dA_T)
-            # carry = a_{t+1} g_{t+1}: what flows into g_t from the step after it
-            carry = block.state(dh_T) if dh_T is not None else None
-            for index in reversed(range(len(chunk_starts))):
-                t0 = chunk_starts[index]
-                t1 = min(t0 + chunk_size, length)
-                decay, states = block.buffer(decay_flat, t1 - t0), block.buffer(states_flat, t1 - t0)
-                adjoint, scratch = block.buffer(adjoint_flat, t1 - t0), block.buffer(scratch_flat, t1 - t0)
-                h_in = block_checkpoints[index]
-                block.fill_decay_and_input(t0, t1, decay, states)
-                _run_recurrence(states, decay, h_in)
-
-                # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, one in-place addcmul per step
-                torch.mul(dy_block[t0:t1], block.C_col[t0:t1], out=adjoint)
-                if carry is not None:
-                    adjoint[-1].add_(carry)
-                for g, g_next, a_next in zip(
-                    reversed(adjoint[:-1].unbind(0)),
-                    reversed(adjoint[1:].unbind(0)),
-                    reversed(decay[1:].unbind(0)),
-                ):
-                    g.addcmul_(a_next, g_next)
-                # decay[t] <- a_t g_t; the first step's is what flows into the previous chunk
-                decay.mul_(adjoint)
-                carry = decay[0].clone()
-
-                # dC = sum over the group of dy h, dB = sum over the group of g delta u, S = sum_n g B
-                dC_block[t0:t1] += torch.matmul(states, dy_col[t0:t1])
-                dB_block[t0:t1] += torch.matmul(adjoint, delta_u_col[t0:t1])
-                S_block[t0:t1] = torch.matmul(block.B_row[t0:t1], adjoint)
-
-                # decay[t] <- a_t g_t h_{t-1}, from the stored states: never divide by a_t
-                decay[1:].mul_(states[:-1])
-                decay[0].mul_(h_in)
-                ddelta_state_block[t0:t1] = torch.mul(decay, block.A, out=scratch).sum(-2, keepdim=True)
-                dA_block.add_(decay.mul_(block.delta[t0:t1]).sum((0, 1)))
-            block.state(dh0).copy_(carry)
-
-        S = S_tm.permute(1, 2, 0)
+        S = backward.S_tm.permute(1, 2, 0)
         du = inputs.delta * S
-        ddelta = inputs.u * S + ddelta_state_tm.permute(1, 2, 0)
+        ddelta = inputs.u * S + backward.ddelta_state_tm.permute(1, 2, 0)
         dD = None
         if D is not None:
             du.addcmul_(dy, D.to(dtype)[:, None])
@@ -363,16 +436,16 @@ def scan_backward(
         if delta_softplus:
             # torch's softplus is linear above the threshold, so its derivative is exactly 1 there
             raw = inputs.delta_raw
-            ddelta = ddelta * torch.where(raw > SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(raw))
+            ddelta.mul_(torch.sigmoid(raw).masked_fill_(raw > SOFTPLUS_THRESHOLD, 1.0))
         ddelta_bias = None if delta_bias is None else ddelta.sum((0, 2))
     return (
         du.to(u.dtype),
         ddelta.to(delta.dtype),
-        dA_T.t().contiguous(),
+        backward.dA_T.t().contiguous(),
         dB_tm.permute(1, 2, 3, 0).contiguous(),
         dC_tm.permute(1, 2, 3, 0).contiguous(),
         dD,
         dz,
         ddelta_bias,
-        None if initial_state is None else dh0,
+        None if initial_state is None else backward.dh0,
     )
