@@ -37,6 +37,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from . import torch_scan
 from .reference import selective_scan_reference
 
 __all__ = ["BACKENDS", "DEFAULT_CHUNK_SIZE", "resolve_backend", "selective_scan"]
@@ -242,6 +243,13 @@ def _backward(ctx, dout, dh_T, _dcheckpoints, _dy_pregate):
 torch.library.register_autograd("arcee_scan::selective_scan_fwd", _backward, setup_context=_setup_context)
 
 
+def _default_chunk_size(backend: str, u: Tensor, A: Tensor) -> int:
+    if backend == "torch":
+        batch, dim, _ = u.shape
+        return torch_scan.default_chunk_size(batch, dim, A.shape[1], u.device)
+    return DEFAULT_CHUNK_SIZE
+
+
 def _activated_delta(delta: Tensor, delta_bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``softplus(delta + delta_bias)`` in the scan's compute dtype, threshold 20 as in every backend."""
     delta = delta.to(dtype)
@@ -274,7 +282,7 @@ def _validate(
     z: Tensor | None,
     delta_bias: Tensor | None,
     initial_state: Tensor | None,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> None:
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
     named["initial_state"] = initial_state
@@ -321,8 +329,10 @@ def _validate(
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name}: {device}" for name, device in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def selective_scan(
@@ -351,7 +361,8 @@ def selective_scan(
         initial_state: (batch, dim, N) float32 (float64 with float64 inputs); zeros when None.
         output_final_state: return ``h_T``; its gradient flows back when it is used.
         backend: ``"reference"``, ``"torch"``, ``"triton"`` or None (automatic, see the module docstring).
-        chunk_size: steps between state checkpoints kept for the backward (default 16).
+        chunk_size: steps between state checkpoints kept for the backward; None picks the backend's
+            default (16; the torch backend on CPU takes 8 where that keeps all channels in one block).
         deterministic: bitwise-repeatable backward; defaults to
             ``torch.are_deterministic_algorithms_enabled()``.
 
@@ -359,11 +370,12 @@ def selective_scan(
         ``(y, h_T)``: y (batch, dim, L) in u's dtype; h_T (batch, dim, N) float32, or None when
         ``output_final_state=False``.
     """
-    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_size)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     backend = resolve_backend(backend, u)
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(backend, u, A)
     # (batch, N, L) -> one group (batch, 1, N, L); a view, so strides (e.g. time-major) are kept
     B = B.unsqueeze(1) if B.dim() == 3 else B
     C = C.unsqueeze(1) if C.dim() == 3 else C

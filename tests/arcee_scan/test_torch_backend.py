@@ -77,6 +77,30 @@ def test_channel_blocks(monkeypatch, groups, budget):
     compare_to_reference(inputs, chunk_size=4)
 
 
+def test_default_chunk_size_keeps_all_channels_in_one_block():
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    # (2, 384, ., 64): 16 steps of every channel exceed the CPU block budget, 8 fit
+    assert torch_scan.default_chunk_size(2, 384, 64, cpu) == 8
+    assert torch_scan._channel_blocks(2, 384, 1, 64, 8, torch_scan.CPU_BLOCK_ELEMENTS) == [(0, 384, 0, 1)]
+    assert torch_scan.default_chunk_size(2, 192, 16, cpu) == 16  # 16 steps fit already
+    assert torch_scan.default_chunk_size(2, 1536, 256, cpu) == 16  # not even 8 fit: split channels instead
+    assert torch_scan.default_chunk_size(2, 384, 64, meta) == 16  # off CPU one block holds everything
+
+
+def test_default_chunk_size_reaches_the_op(monkeypatch):
+    seen = []
+
+    def spy(*args):
+        seen.append(args[-1])
+        return scan_forward(*args)
+
+    scan_forward = torch_scan.scan_forward
+    monkeypatch.setattr(torch_scan, "scan_forward", spy)
+    outputs_and_grads(make_inputs(2, 384, 17, 64), "torch")
+    outputs_and_grads(make_inputs(2, 24, 17, 4), "torch")
+    assert seen == [8, 16]
+
+
 def test_underflowing_decay():
     # delta*A far below -87 / -745: a underflows to exactly 0 in fp32, which must stay harmless
     inputs = make_inputs(2, 8, 33, 16, delta_softplus=False)
