@@ -4,7 +4,8 @@ The sequence is cut into chunks of ``chunk_size`` steps. Per chunk, everything t
 state (the decays ``exp(delta*A)``, the inputs ``delta*u*B``, ``C*dy``) is computed for the whole chunk in
 one vectorised op into preallocated buffers; only the first-order recurrences loop over time, one in-place
 ``addcmul`` per step on a contiguous slice. The reductions over N or over a group's channels
-(``y = C.h``, ``dB``, ``dC``, ``S``, ``dA``) are multiply-then-sum passes over the chunk.
+(``y = C.h``, ``dB``, ``dC``, ``S``, ``dA``) are batched matrix products; ``sum_n A g a h`` is a
+multiply-then-sum pass.
 
 The forward keeps only the state entering each chunk (``checkpoints``); the backward walks the chunks in
 reverse, rebuilds the chunk's states from its checkpoint and runs the adjoint recurrence
@@ -13,7 +14,8 @@ reverse, rebuilds the chunk's states from its checkpoint and runs the adjoint re
 Layout: chunk buffers are ``(k, batch, groups, N, channels_per_group)``, channels innermost. Every product
 then runs an inner loop over the channels with contiguous operands (B/C/dy broadcast as scalars), which is
 several times faster on CPU than an inner loop over a small N. Channels are processed in blocks sized so
-the buffers stay in cache; the CPU speed drops sharply once they outgrow it.
+the buffers stay in cache; the CPU speed drops sharply once they outgrow it. Each eager op also costs a few
+microseconds of overhead, so fewer, larger blocks win where they fit (see ``default_chunk_size``).
 """
 
 from __future__ import annotations
@@ -426,9 +428,8 @@ def scan_backward(
             dy, dz = dout.to(dtype), None
         else:
             dout, z_c = dout.to(dtype), z.to(dtype)
-            sig = torch.sigmoid(z_c)
-            dy = dout * z_c * sig
-            dz = (dout * y_pregate * sig * (1 + z_c * (1 - sig))).to(z.dtype)
+            dy = dout * F.silu(z_c)
+            dz = torch.ops.aten.silu_backward(dout * y_pregate, z_c).to(z.dtype)
 
         plan = _Plan(inputs, groups, chunk_size)
         backward = _BackwardPass(inputs, plan, _time_major(dy, dtype), dh_T, checkpoints)
@@ -439,8 +440,10 @@ def scan_backward(
             dC_tm[:, :, g0:g1] += dC_block
 
         S = backward.S_tm.permute(1, 2, 0)
-        du = inputs.delta * S
-        ddelta = inputs.u * S + backward.ddelta_state_tm.permute(1, 2, 0)
+        # out= keeps the gradients contiguous whatever the inputs' strides, as the op's fake promises
+        du = torch.mul(inputs.delta, S, out=inputs.u.new_empty(batch, dim, length))
+        ddelta_state = backward.ddelta_state_tm.permute(1, 2, 0)
+        ddelta = torch.addcmul(ddelta_state, inputs.u, S, out=inputs.u.new_empty(batch, dim, length))
         dD = None
         if D is not None:
             du.addcmul_(dy, D.to(dtype)[:, None])

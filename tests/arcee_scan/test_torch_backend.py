@@ -101,6 +101,24 @@ def test_default_chunk_size_reaches_the_op(monkeypatch):
     assert seen == [8, 16]
 
 
+@pytest.mark.parametrize("time_major", [False, True])
+def test_outputs_and_gradients_are_contiguous(time_major):
+    # the op's fakes promise contiguous results whatever the inputs' strides; torch.compile relies on it
+    inputs = make_inputs(2, 12, 9, 4, 2, time_major=time_major)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    args = {name: inputs[name].detach() for name in names}
+    out, h_T, checkpoints, y_pregate = torch_scan.scan_forward(
+        *(args[name] for name in names[:8]), True, args["initial_state"], 4
+    )
+    grads = torch_scan.scan_backward(
+        torch.randn_like(out), torch.randn_like(h_T), *(args[name] for name in names[:8]), True,
+        args["initial_state"], checkpoints, y_pregate, 4, False,
+    )  # fmt: skip
+    assert out.is_contiguous() and y_pregate.is_contiguous()
+    for name, grad in zip(names, grads):
+        assert grad.is_contiguous(), name
+
+
 def test_underflowing_decay():
     # delta*A far below -87 / -745: a underflows to exactly 0 in fp32, which must stay harmless
     inputs = make_inputs(2, 8, 33, 16, delta_softplus=False)
