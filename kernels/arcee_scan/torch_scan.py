@@ -31,7 +31,7 @@ from torch import Tensor
 
 __all__ = ["default_chunk_size", "scan_backward", "scan_forward"]
 
-# Elements of one chunk buffer per channel block (four are live in the backward, 8 MB in fp32). Measured on
+# Elements of one chunk buffer per channel block (three are live in the backward, 6 MB in fp32). Measured on
 # a 2-core x86 VM (2 MB L2): 2**18..2**19 is fastest at large shapes; smaller blocks pay more per-op
 # overhead, larger ones fall out of cache.
 CPU_BLOCK_ELEMENTS = 2**19
@@ -126,13 +126,16 @@ class _Inputs:
 class _Block:
     """Views of one channel block, time-major with channels innermost: ``(L, b, g, ., e)``.
 
-    ``g`` groups of ``e`` channels; a chunk is a slice ``[t0:t1]`` of the leading dim. Per-channel values are
-    ``(., 1, e)`` rows and per-state values (B, C) ``(N, 1)`` columns or ``(1, N)`` rows, so products with the
-    ``(k, b, g, N, e)`` chunk buffers broadcast cheaply and reductions are batched matrix products.
+    ``g`` groups of ``e`` channels; chunk ``i`` is the ``i``-th slice of ``chunk_size`` steps of the leading
+    dim. Per-channel values are ``(., 1, e)`` rows and per-state values (B, C) ``(N, 1)`` columns or
+    ``(1, N)`` rows, so products with the ``(k, b, g, N, e)`` chunk buffers broadcast cheaply and reductions
+    are batched matrix products. The time-major inputs are held as tuples of per-chunk views, made once:
+    slicing them per chunk would cost more than the arithmetic at small shapes.
     """
 
-    def __init__(self, block: tuple[int, int, int, int], inputs: _Inputs):
+    def __init__(self, block: tuple[int, int, int, int], inputs: _Inputs, chunk_size: int):
         self.c0, self.c1, g0, g1 = block
+        self.chunk_size = chunk_size
         self.batch = inputs.delta_tm.shape[1]
         self.groups = g1 - g0
         self.per_group = (self.c1 - self.c0) // self.groups
@@ -141,15 +144,16 @@ class _Block:
         self.delta_u = self.channels(inputs.delta_u_tm)
         self.A = self.per_channel_state(inputs.A_T)
         self.A_log2 = self.per_channel_state(inputs.A_log2_T)
-        self.B_col = inputs.B_tm[:, :, g0:g1, :, None]  # (L, b, g, N, 1)
-        self.B_row = inputs.B_tm[:, :, g0:g1, None, :]  # (L, b, g, 1, N)
-        self.C_col = inputs.C_tm[:, :, g0:g1, :, None]
-        self.C_row = inputs.C_tm[:, :, g0:g1, None, :]
-        self.group_slice = slice(g0, g1)
+        B, C = inputs.B_tm[:, :, g0:g1], inputs.C_tm[:, :, g0:g1]  # (L, b, g, N)
+        self.B_col, self.B_row = self.chunks(B[..., None]), self.chunks(B[..., None, :])  # (N, 1), (1, N)
+        self.C_col, self.C_row = self.chunks(C[..., None]), self.chunks(C[..., None, :])
 
-    def channels(self, x_tm: Tensor) -> Tensor:
-        """(L, b, d) -> (L, b, g, 1, e)."""
-        return x_tm[:, :, self.c0 : self.c1].view(-1, self.batch, self.groups, 1, self.per_group)
+    def chunks(self, x: Tensor) -> tuple[Tensor, ...]:
+        return x.split(self.chunk_size)
+
+    def channels(self, x_tm: Tensor) -> tuple[Tensor, ...]:
+        """(L, b, d) -> per chunk (k, b, g, 1, e)."""
+        return self.chunks(x_tm[:, :, self.c0 : self.c1].view(-1, self.batch, self.groups, 1, self.per_group))
 
     def per_channel_state(self, x_T: Tensor) -> Tensor:
         """(N, d) -> (g, N, e)."""
@@ -175,14 +179,14 @@ class _Block:
         shape = (steps, self.batch, self.groups, self.d_state, self.per_group)
         return flat[: math.prod(shape)].view(shape)
 
-    def fill_decay_and_input(self, t0: int, t1: int, decay: Tensor, states: Tensor) -> None:
+    def fill_decay_and_input(self, index: int, decay: Tensor, states: Tensor) -> None:
         """decay <- exp(delta A), states <- delta u B for every step of the chunk.
 
         exp2 because torch's exp takes a ~30x slower path for arguments below about -87 (denormal or zero
         results), which is where large-N decays live; exp2 has no such path.
         """
-        torch.mul(self.delta[t0:t1], self.A_log2, out=decay).exp2_()
-        torch.mul(self.delta_u[t0:t1], self.B_col[t0:t1], out=states)
+        torch.mul(self.delta[index], self.A_log2, out=decay).exp2_()
+        torch.mul(self.delta_u[index], self.B_col[index], out=states)
 
 
 class _ChunkBuffers:
@@ -247,15 +251,14 @@ class _Plan:
         self.blocks = _channel_blocks(batch, dim, groups, d_state, steps, budget)
         self.buffer_size = steps * batch * d_state * max(c1 - c0 for c0, c1, _, _ in self.blocks)
 
-    def chunks(self) -> list[tuple[int, int, int]]:
-        """``(index, t0, t1)`` of every chunk."""
-        starts = range(0, self.length, self.chunk_size)
-        return [(index, t0, min(t0 + self.chunk_size, self.length)) for index, t0 in enumerate(starts)]
+    def chunk_lengths(self) -> list[int]:
+        """Steps in each chunk: ``chunk_size``, the last one possibly fewer."""
+        return [min(self.chunk_size, self.length - t0) for t0 in range(0, self.length, self.chunk_size)]
 
     def run(self, run_block: Callable[[_Block], object], inputs: _Inputs) -> list:
         """``run_block`` on every block, in order, with denormals flushed."""
         with flush_denormals(self.device):
-            return [run_block(_Block(spec, inputs)) for spec in self.blocks]
+            return [run_block(_Block(spec, inputs, self.chunk_size)) for spec in self.blocks]
 
 
 class _ForwardPass:
@@ -277,15 +280,15 @@ class _ForwardPass:
         block_checkpoints = block.checkpoints(self.checkpoints)
         y_block = block.channels(self.y_tm)
         h = block.state(self.initial_state) if self.initial_state is not None else None
-        for index, t0, t1 in plan.chunks():
-            chunk = buffers[t1 - t0]
+        for index, steps in enumerate(plan.chunk_lengths()):
+            chunk = buffers[steps]
             (decay, states), (decay_steps, state_steps) = chunk.whole, chunk.steps
             h_in = block_checkpoints[index]
             h_in.copy_(h) if h is not None else h_in.zero_()
-            block.fill_decay_and_input(t0, t1, decay, states)
+            block.fill_decay_and_input(index, decay, states)
             _run_recurrence(state_steps, decay_steps, h_in)
             h = states[-1]
-            torch.matmul(block.C_row[t0:t1], states, out=y_block[t0:t1])  # y_t = sum_n C_t[n] h_t[n]
+            torch.matmul(block.C_row[index], states, out=y_block[index])  # y_t = sum_n C_t[n] h_t[n]
         block.state(self.h_final).copy_(h)
 
 
@@ -347,49 +350,52 @@ class _BackwardPass:
     def run_block(self, block: _Block) -> tuple[Tensor, Tensor]:
         plan, inputs = self.plan, self.inputs
         buffers = _ChunkBuffers.by_length(
-            block, _chunk_buffers(4, plan.buffer_size, inputs.u), plan.chunk_size, plan.length
+            block, _chunk_buffers(3, plan.buffer_size, inputs.u), plan.chunk_size, plan.length
         )
         block_checkpoints = block.checkpoints(self.checkpoints)
-        dy_block = block.channels(self.dy_tm)
-        dy_col, delta_u_col = dy_block.transpose(-1, -2), block.delta_u.transpose(-1, -2)  # (L, b, g, e, 1)
+        dy_chunks = block.channels(self.dy_tm)  # (k, b, g, 1, e) each
+        dy_cols = [dy.transpose(-1, -2) for dy in dy_chunks]  # (k, b, g, e, 1)
+        delta_u_cols = [delta_u.transpose(-1, -2) for delta_u in block.delta_u]
         shape_BC = (plan.length, block.batch, block.groups, block.d_state, 1)
         dB_block, dC_block = inputs.u.new_empty(shape_BC), inputs.u.new_empty(shape_BC)
-        S_block, ddelta_state_block = block.channels(self.S_tm), block.channels(self.ddelta_state_tm)
+        dB_chunks, dC_chunks = block.chunks(dB_block), block.chunks(dC_block)
+        S_chunks, ddelta_state_chunks = block.channels(self.S_tm), block.channels(self.ddelta_state_tm)
         dA_block = inputs.u.new_zeros(block.groups * block.d_state * block.per_group)
         ones = inputs.u.new_ones(plan.chunk_size * block.batch)
         # carry = a_{t+1} g_{t+1}: what flows into g_t from the step after it
         carry = block.state(self.dh_T) if self.dh_T is not None else None
-        for index, t0, t1 in reversed(plan.chunks()):
-            chunk = buffers[t1 - t0]
-            (decay, states, adjoint, scratch), (decay_steps, state_steps, adjoint_steps, _) = (
-                chunk.whole,
-                chunk.steps,
-            )
+        for index, steps in reversed(list(enumerate(plan.chunk_lengths()))):
+            chunk = buffers[steps]
+            (decay, states, adjoint), (decay_steps, state_steps, adjoint_steps) = chunk.whole, chunk.steps
             h_in = block_checkpoints[index]
-            block.fill_decay_and_input(t0, t1, decay, states)
+            block.fill_decay_and_input(index, decay, states)
             _run_recurrence(state_steps, decay_steps, h_in)
+            # dC = sum over the block's channels of dy h, while the states are still in cache
+            torch.matmul(states, dy_cols[index], out=dC_chunks[index])
 
             # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, one in-place addcmul per step
-            torch.mul(dy_block[t0:t1], block.C_col[t0:t1], out=adjoint)
+            torch.mul(dy_chunks[index], block.C_col[index], out=adjoint)
             if carry is not None:
                 adjoint_steps[-1].add_(carry)
-            for step in range(t1 - t0 - 2, -1, -1):
+            for step in range(steps - 2, -1, -1):
                 adjoint_steps[step].addcmul_(decay_steps[step + 1], adjoint_steps[step + 1])
             # decay[t] <- a_t g_t; the first step's is what flows into the previous chunk
             decay.mul_(adjoint)
             carry = decay[0].clone()
 
-            # dC = sum over the block's channels of dy h, dB = of g delta u; S = sum_n g B
-            torch.matmul(states, dy_col[t0:t1], out=dC_block[t0:t1])
-            torch.matmul(adjoint, delta_u_col[t0:t1], out=dB_block[t0:t1])
-            torch.matmul(block.B_row[t0:t1], adjoint, out=S_block[t0:t1])
+            # dB = sum over the block's channels of g delta u; S = sum_n g B
+            torch.matmul(adjoint, delta_u_cols[index], out=dB_chunks[index])
+            torch.matmul(block.B_row[index], adjoint, out=S_chunks[index])
 
             # decay[t] <- a_t g_t h_{t-1}, from the stored states: never divide by a_t
             decay[1:].mul_(states[:-1])
             decay[0].mul_(h_in)
-            torch.sum(torch.mul(decay, block.A, out=scratch), -2, keepdim=True, out=ddelta_state_block[t0:t1])
+            # (the adjoint buffer is free from here on: it takes the products)
+            torch.sum(
+                torch.mul(decay, block.A, out=adjoint), -2, keepdim=True, out=ddelta_state_chunks[index]
+            )
             # dA += sum over steps and batch of a_t g_t h_{t-1} delta_t, the sum as a matrix-vector product
-            rows = decay.mul_(block.delta[t0:t1]).view(-1, dA_block.numel())
+            rows = decay.mul_(block.delta[index]).view(-1, dA_block.numel())
             dA_block.addmv_(rows.t(), ones[: rows.shape[0]])
         block.state(self.dh0).copy_(carry)
         block.per_channel_state(self.dA_T).copy_(dA_block.view(block.groups, block.d_state, block.per_group))
