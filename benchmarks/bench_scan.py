@@ -6,9 +6,9 @@
 
 For every shape (batch, dim, L, N) and backend: forward (no grad) and forward+backward (gradients of every
 input including the initial state, cotangents on y and h_T), with h0, z, D, delta_bias and softplus on.
-Times are medians over ``--reps`` runs after a warm-up (CUDA: events, after synchronize); on CPU also the
-median process CPU time, which a shared machine disturbs less. The ratio columns are the naive reference's
-time over the backend's, measured in the same run.
+Times are medians over ``--reps`` runs after a warm-up, the backends taking turns run by run (CUDA: events,
+after synchronize); on CPU also the median process CPU time. The ratio columns are the naive reference's
+time over the backend's, measured in the same rounds.
 
 Peak extra memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what the inputs hold. On CPU, the
 resident-set high-water mark (``VmHWM``) of a fresh subprocess that runs the op once on a tiny shape (to page
@@ -77,25 +77,43 @@ def run_once(inputs: dict, backend: str, mode: str) -> None:
     torch.autograd.grad((y.float().sum() + h_T.sum()), list(leaves.values()))
 
 
-def median_ms(inputs: dict, backend: str, mode: str, reps: int, device: str) -> tuple[float, float, float]:
-    """Median and best wall-clock ms, and median process CPU ms (all threads; shows contention on CPU)."""
-    run_once(inputs, backend, mode)  # warm-up (and Triton compilation)
-    times, cpu_times = [], []
+def time_once(inputs: dict, backend: str, mode: str, device: str) -> tuple[float, float]:
+    """Wall-clock ms and process CPU ms (all threads; shows contention on CPU) of one run."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        run_once(inputs, backend, mode)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end), float("nan")
+    t0, c0 = time.perf_counter(), time.process_time()
+    run_once(inputs, backend, mode)
+    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+
+
+def time_interleaved(
+    inputs: dict, backends: list[str], mode: str, reps: int, device: str
+) -> dict[str, tuple[float, float, float]]:
+    """Per backend: median and best wall-clock ms, median CPU ms.
+
+    The backends take turns, one run each per round, so a machine that slows down or speeds up during the
+    measurement (shared VMs do, by tens of percent over minutes) affects every backend alike.
+    """
+    for backend in backends:
+        run_once(inputs, backend, mode)  # warm-up (and Triton compilation)
+    times: dict[str, list[tuple[float, float]]] = {backend: [] for backend in backends}
     for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            run_once(inputs, backend, mode)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0, c0 = time.perf_counter(), time.process_time()
-            run_once(inputs, backend, mode)
-            times.append((time.perf_counter() - t0) * 1e3)
-            cpu_times.append((time.process_time() - c0) * 1e3)
-    return statistics.median(times), min(times), statistics.median(cpu_times) if cpu_times else float("nan")
+        for backend in backends:
+            times[backend].append(time_once(inputs, backend, mode, device))
+    return {
+        backend: (
+            statistics.median(wall for wall, _ in runs),
+            min(wall for wall, _ in runs),
+            statistics.median(cpu for _, cpu in runs),
+        )
+        for backend, runs in times.items()
+    }
 
 
 def peak_extra_mb(shape, dtype_name: str, backend: str, mode: str, device: str) -> float:
@@ -206,12 +224,12 @@ def main() -> None:
     for shape in shapes:
         updates = shape[0] * shape[1] * shape[2] * shape[3]
         inputs = make_inputs(shape, dtype, args.device)
-        reference_ms = {}
-        for backend in backends:
-            if backend == "reference" and updates > args.reference_limit:
-                continue
-            for mode in args.modes:
-                median, best, cpu = median_ms(inputs, backend, mode, args.reps, args.device)
+        timed = [b for b in backends if b != "reference" or updates <= args.reference_limit]
+        for mode in args.modes:
+            timings = time_interleaved(inputs, timed, mode, args.reps, args.device)
+            reference = timings.get("reference")
+            for backend in timed:
+                median, best, cpu = timings[backend]
                 row = {
                     "shape": list(shape),
                     "backend": backend,
@@ -224,14 +242,11 @@ def main() -> None:
                     "peak_extra_mb": None
                     if args.no_memory
                     else round(peak_extra_mb(shape, args.dtype, backend, mode, args.device), 1),
+                    "speedup_vs_reference": round(reference[0] / median, 2) if reference else None,
+                    "cpu_speedup_vs_reference": (
+                        round(reference[2] / cpu, 2) if reference and cpu > 0 else None
+                    ),
                 }
-                if backend == "reference":
-                    reference_ms[mode] = (median, cpu)
-                reference = reference_ms.get(mode)
-                row["speedup_vs_reference"] = round(reference[0] / median, 2) if reference else None
-                row["cpu_speedup_vs_reference"] = (
-                    round(reference[1] / cpu, 2) if reference and cpu > 0 else None
-                )
                 rows.append(row)
                 print_row(row)
     result = {"environment": environment(args.device), "command": " ".join(sys.argv), "results": rows}
