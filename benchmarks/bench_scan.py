@@ -6,9 +6,9 @@
 
 For every shape (batch, dim, L, N) and backend: forward (no grad) and forward+backward (gradients of every
 input including the initial state, cotangents on y and h_T), with h0, z, D, delta_bias and softplus on.
-Times are medians over ``--reps`` runs after a warm-up, the backends taking turns run by run (CUDA: events,
-after synchronize); on CPU also the median process CPU time. The ratio columns are the naive reference's
-time over the backend's, measured in the same rounds.
+Times are medians over about ``--reps`` runs (CUDA: events, after synchronize), in two rounds of one batch
+per backend, the second round in reverse order (see ``time_backends``); on CPU also the median process CPU
+time. The ratio columns are the naive reference's time over the backend's, measured in the same rounds.
 
 Peak extra memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what the inputs hold. On CPU, the
 resident-set high-water mark (``VmHWM``) of a fresh subprocess that runs the op once on a tiny shape (to page
@@ -92,20 +92,22 @@ def time_once(inputs: dict, backend: str, mode: str, device: str) -> tuple[float
     return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
 
-def time_interleaved(
+def time_backends(
     inputs: dict, backends: list[str], mode: str, reps: int, device: str
 ) -> dict[str, tuple[float, float, float]]:
     """Per backend: median and best wall-clock ms, median CPU ms.
 
-    The backends take turns, one run each per round, so a machine that slows down or speeds up during the
-    measurement (shared VMs do, by tens of percent over minutes) affects every backend alike.
+    Each backend runs in a batch of back-to-back calls after a warm-up call (its steady state: right after
+    the naive reference has freed a few hundred MB, the next op's fresh tensors page-fault). The batches
+    run in two rounds, the second in reverse order, so a machine that drifts during the measurement
+    (shared VMs do, by tens of percent over minutes) affects every backend alike.
     """
-    for backend in backends:
-        run_once(inputs, backend, mode)  # warm-up (and Triton compilation)
     times: dict[str, list[tuple[float, float]]] = {backend: [] for backend in backends}
-    for _ in range(reps):
-        for backend in backends:
-            times[backend].append(time_once(inputs, backend, mode, device))
+    for order in (backends, backends[::-1]):
+        for backend in order:
+            run_once(inputs, backend, mode)  # warm-up (and Triton compilation)
+            for _ in range((reps + 1) // 2):
+                times[backend].append(time_once(inputs, backend, mode, device))
     return {
         backend: (
             statistics.median(wall for wall, _ in runs),
@@ -226,7 +228,7 @@ def main() -> None:
         inputs = make_inputs(shape, dtype, args.device)
         timed = [b for b in backends if b != "reference" or updates <= args.reference_limit]
         for mode in args.modes:
-            timings = time_interleaved(inputs, timed, mode, args.reps, args.device)
+            timings = time_backends(inputs, timed, mode, args.reps, args.device)
             reference = timings.get("reference")
             for backend in timed:
                 median, best, cpu = timings[backend]
