@@ -284,7 +284,10 @@ class _ForwardPass:
             chunk = buffers[steps]
             (decay, states), (decay_steps, state_steps) = chunk.whole, chunk.steps
             h_in = block_checkpoints[index]
-            h_in.copy_(h) if h is not None else h_in.zero_()
+            if h is None:
+                h_in.zero_()
+            else:
+                h_in.copy_(h)
             block.fill_decay_and_input(index, decay, states)
             _run_recurrence(state_steps, decay_steps, h_in)
             h = states[-1]
@@ -333,13 +336,8 @@ class _BackwardPass:
     """
 
     def __init__(self, inputs: _Inputs, plan: _Plan, dy_tm: Tensor, dh_T: Tensor | None, checkpoints: Tensor):
-        self.inputs, self.plan, self.dy_tm, self.dh_T, self.checkpoints = (
-            inputs,
-            plan,
-            dy_tm,
-            dh_T,
-            checkpoints,
-        )
+        self.inputs, self.plan, self.checkpoints = inputs, plan, checkpoints
+        self.dy_tm, self.dh_T = dy_tm, dh_T
         length, batch, dim = inputs.delta_tm.shape
         d_state = inputs.A_T.shape[0]
         self.dA_T = torch.empty_like(inputs.A_T)
