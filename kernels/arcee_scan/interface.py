@@ -255,7 +255,7 @@ def _activated_delta(delta: Tensor, delta_bias: Tensor | None, dtype: torch.dtyp
     delta = delta.to(dtype)
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)[:, None]
-    return torch.nn.functional.softplus(delta, threshold=20.0)
+    return torch.nn.functional.softplus(delta, threshold=torch_scan.SOFTPLUS_THRESHOLD)
 
 
 def _check_float(name: str, t: Tensor) -> None:
