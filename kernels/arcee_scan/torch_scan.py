@@ -118,7 +118,8 @@ class _Inputs:
         self.A_T = A.to(dtype).t().contiguous()  # (N, d)
         self.A_log2_T = self.A_T * math.log2(math.e)
         self.delta_tm = _time_major(self.delta, dtype)  # (L, b, d)
-        self.delta_u_tm = _time_major(self.delta * self.u, dtype)  # (L, b, d)
+        self.delta_u_tm = torch.empty_like(self.delta_tm)  # (L, b, d)
+        torch.mul(self.delta, self.u, out=self.delta_u_tm.permute(1, 2, 0))
         self.B_tm = _time_major(B, dtype)  # (L, b, G, N)
         self.C_tm = _time_major(C, dtype)  # (L, b, G, N)
 
@@ -316,9 +317,12 @@ def scan_forward(
         forward = _ForwardPass(inputs, plan, initial_state)
         plan.run(forward.run_block, inputs)
 
-        y = forward.y_tm.permute(1, 2, 0).contiguous()
-        if D is not None:
-            y.addcmul_(inputs.u, D.to(dtype)[:, None])
+        y_scan = forward.y_tm.permute(1, 2, 0)  # (b, d, L) view
+        y = inputs.u.new_empty(y_scan.shape)  # contiguous, as the op's fake promises
+        if D is None:
+            y.copy_(y_scan)
+        else:
+            torch.addcmul(y_scan, inputs.u, D.to(dtype)[:, None], out=y)
         y_pregate = None
         out = y
         if z is not None:
@@ -425,18 +429,22 @@ def scan_backward(
     with torch.no_grad():
         inputs = _Inputs(u, delta, A, B, C, delta_bias, delta_softplus, dtype)
         # gradient of the pre-gate y
+        dy_tm = inputs.u.new_empty(length, batch, dim)
+        dy = dy_tm.permute(1, 2, 0)  # (b, d, L) view of the time-major copy the scan reads
+        dz = None
         if dout is None:
-            dy = inputs.u.new_zeros(batch, dim, length)
-            dz = None if z is None else torch.zeros_like(z)
+            dy.zero_()
+            if z is not None:
+                dz = torch.zeros_like(z)
         elif z is None:
-            dy, dz = dout.to(dtype), None
+            dy.copy_(dout)
         else:
             dout, z_c = dout.to(dtype), z.to(dtype)
-            dy = dout * F.silu(z_c)
+            torch.mul(dout, F.silu(z_c), out=dy)
             dz = torch.ops.aten.silu_backward(dout * y_pregate, z_c).to(z.dtype)
 
         plan = _Plan(inputs, groups, chunk_size)
-        backward = _BackwardPass(inputs, plan, _time_major(dy, dtype), dh_T, checkpoints)
+        backward = _BackwardPass(inputs, plan, dy_tm, dh_T, checkpoints)
         dB_tm = inputs.B_tm.new_zeros(inputs.B_tm.shape)  # (L, b, G, N)
         dC_tm = inputs.C_tm.new_zeros(inputs.C_tm.shape)
         for (_, _, g0, g1), (dB_block, dC_block) in zip(plan.blocks, plan.run(backward.run_block, inputs)):
