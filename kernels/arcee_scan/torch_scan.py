@@ -443,6 +443,8 @@ def scan_backward(
             torch.mul(dout, F.silu(z_c), out=dy)
             dz = torch.ops.aten.silu_backward(dout * y_pregate, z_c).to(z.dtype)
 
+        if not checkpoints.is_contiguous():  # its memory is read in this backend's own order
+            raise ValueError("checkpoints must be the contiguous tensor this backend's scan_forward returned")
         plan = _Plan(inputs, groups, chunk_size)
         backward = _BackwardPass(inputs, plan, dy_tm, dh_T, checkpoints)
         dB_tm = inputs.B_tm.new_zeros(inputs.B_tm.shape)  # (L, b, G, N)

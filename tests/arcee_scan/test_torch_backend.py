@@ -119,6 +119,20 @@ def test_outputs_and_gradients_are_contiguous(time_major):
         assert grad.is_contiguous(), name
 
 
+def test_backward_refuses_checkpoints_in_another_layout():
+    inputs = {k: v.detach() for k, v in make_inputs(2, 4, 6, 2, 1).items() if isinstance(v, torch.Tensor)}
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    out, h_T, checkpoints, y_pregate = torch_scan.scan_forward(
+        *(inputs[name] for name in names), True, inputs["initial_state"], 4
+    )
+    transposed = checkpoints.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other memory order
+    with pytest.raises(ValueError, match="checkpoints must be the contiguous tensor"):
+        torch_scan.scan_backward(
+            out, h_T, *(inputs[name] for name in names), True, inputs["initial_state"], transposed,
+            y_pregate, 4, False,
+        )  # fmt: skip
+
+
 def test_underflowing_decay():
     # delta*A far below -87 / -745: a underflows to exactly 0 in fp32, which must stay harmless
     inputs = make_inputs(2, 8, 33, 16, delta_softplus=False)
