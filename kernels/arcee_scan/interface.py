@@ -11,13 +11,15 @@ tensors when Triton imports and ``"torch"`` otherwise.
 
 Backend contract
 ----------------
-``torch_scan`` and ``triton_scan`` each expose ``scan_forward`` and ``scan_backward`` and nothing else is
-called. They receive B/C always grouped ``(batch, G, N, L)`` with arbitrary strides, A/D/delta_bias as given,
-and ``initial_state`` float32 (float64 when ``u`` is float64) or None::
+``torch_scan`` and ``triton_scan`` each expose ``scan_forward`` and ``scan_backward``; besides those, only
+``torch_scan.default_chunk_size`` is called (for ``chunk_size=None``). They receive B/C always grouped
+``(batch, G, N, L)`` with arbitrary strides, A/D/delta_bias as given, and ``initial_state`` float32 (float64
+when ``u`` is float64) or None, and return contiguous tensors::
 
     scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
         -> out (b, d, L) in u's dtype after the z gate, h_T (b, d, N) fp32,
-           checkpoints (b, d, cdiv(L, chunk_size), N) fp32 (state entering each chunk),
+           checkpoints (b, d, cdiv(L, chunk_size), N) fp32 (the state entering each chunk; what lies where
+               in its memory is the backend's business, only its own scan_backward reads it),
            y_pregate (b, d, L) or None
     scan_backward(dout, dh_T, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                   checkpoints, y_pregate, chunk_size, deterministic)
