@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import torch_scan
-from .reference import selective_scan_reference
+from .reference import biased_delta, compute_dtype, selective_scan_reference, softplus
 
 __all__ = ["BACKENDS", "DEFAULT_CHUNK_SIZE", "resolve_backend", "selective_scan"]
 
@@ -82,10 +82,6 @@ def _backend_module(backend: str) -> ModuleType:
     return importlib.import_module(f"arcee_scan.{backend}_scan")
 
 
-def _state_dtype(u: Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
 def _empty_like_none(t: Tensor | None, like: Tensor) -> Tensor:
     # custom ops cannot return None: absent optional outputs travel as empty tensors
     return like.new_empty(0) if t is None else t
@@ -119,7 +115,7 @@ def _selective_scan_fwd(
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size, deterministic, backend):
     batch, dim, length = u.shape
     d_state = A.shape[1]
-    state_dtype = _state_dtype(u)
+    state_dtype = compute_dtype(u)
     out = u.new_empty(batch, dim, length)
     h_T = u.new_empty(batch, dim, d_state, dtype=state_dtype)
     checkpoints = u.new_empty(batch, dim, math.ceil(length / chunk_size), d_state, dtype=state_dtype)
@@ -175,7 +171,7 @@ def _(
     chunk_size, deterministic, backend,
 ):  # fmt: skip
     batch, dim, _ = u.shape
-    state_dtype = _state_dtype(u)
+    state_dtype = compute_dtype(u)
 
     def optional(t: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return dh_T.new_empty(shape if t is not None else (0,), dtype=dtype)
@@ -252,14 +248,6 @@ def _default_chunk_size(backend: str, u: Tensor, A: Tensor) -> int:
     return DEFAULT_CHUNK_SIZE
 
 
-def _activated_delta(delta: Tensor, delta_bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``softplus(delta + delta_bias)`` in the scan's compute dtype, threshold 20 as in every backend."""
-    delta = delta.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[:, None]
-    return torch.nn.functional.softplus(delta, threshold=torch_scan.SOFTPLUS_THRESHOLD)
-
-
 def _check_float(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -322,9 +310,9 @@ def _validate(
             _check_shape(name, t, (dim,), "(dim,)")
     if initial_state is not None:
         _check_shape("initial_state", initial_state, (batch, dim, d_state), "(batch, dim, N)")
-        if initial_state.dtype != _state_dtype(u):
+        if initial_state.dtype != compute_dtype(u):
             raise TypeError(
-                f"initial_state must be {_state_dtype(u)} (the state dtype; float64 only with float64 u), "
+                f"initial_state must be {compute_dtype(u)} (the state dtype; float64 only with float64 u), "
                 f"got {initial_state.dtype}"
             )
     devices = {name: t.device for name, t in named.items() if t is not None}
@@ -387,11 +375,8 @@ def selective_scan(
         if backend == "torch" and delta_softplus:
             # the torch backend would run softplus twice, in the forward and in the recomputing backward;
             # outside the op autograd runs it once and keeps what its backward needs
-            delta, delta_bias, delta_softplus = (
-                _activated_delta(delta, delta_bias, _state_dtype(u)),
-                None,
-                False,
-            )
+            delta = softplus(biased_delta(delta, delta_bias, compute_dtype(u)))
+            delta_bias, delta_softplus = None, False
         y, h_T, _, _ = _selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, chunk_size,
             bool(deterministic), backend,

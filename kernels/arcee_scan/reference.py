@@ -12,6 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+SOFTPLUS_THRESHOLD = 20.0  # torch's default, and mamba_ssm's: softplus is the identity above it
+
+
+def compute_dtype(u: Tensor) -> torch.dtype:
+    """The scan's arithmetic and state dtype: float64 for float64 ``u`` (gradcheck), float32 otherwise."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def biased_delta(delta: Tensor, delta_bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``delta + delta_bias`` (the pre-softplus step) in ``dtype``."""
+    delta = delta.to(dtype)
+    return delta if delta_bias is None else delta + delta_bias.to(dtype)[:, None]
+
+
+def softplus(x: Tensor) -> Tensor:
+    return F.softplus(x, threshold=SOFTPLUS_THRESHOLD)
+
 
 def selective_scan_reference(
     u: Tensor,
@@ -29,12 +46,11 @@ def selective_scan_reference(
     dtype_in = u.dtype
     batch, dim, _ = u.shape
     groups, d_state = B.shape[1], B.shape[2]
-    dtype = torch.float64 if dtype_in == torch.float64 else torch.float32
-    u, delta, A = u.to(dtype), delta.to(dtype), A.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[:, None]
+    dtype = compute_dtype(u)
+    u, A = u.to(dtype), A.to(dtype)
+    delta = biased_delta(delta, delta_bias, dtype)
     if delta_softplus:
-        delta = F.softplus(delta)  # threshold 20, as in torch and mamba_ssm
+        delta = softplus(delta)
     # (batch, G, N, L) -> (batch, dim, N, L): channel d reads group d // (dim / G)
     B = B.to(dtype).repeat_interleave(dim // groups, dim=1)
     C = C.to(dtype).repeat_interleave(dim // groups, dim=1)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reference import SOFTPLUS_THRESHOLD, biased_delta, compute_dtype, softplus
+
 __all__ = ["default_chunk_size", "scan_backward", "scan_forward"]
 
 # Elements of one chunk buffer per channel block (three are live in the backward, 6 MB in fp32). Measured on
@@ -36,7 +38,6 @@ __all__ = ["default_chunk_size", "scan_backward", "scan_forward"]
 # overhead, larger ones fall out of cache.
 CPU_BLOCK_ELEMENTS = 2**19
 CUDA_BLOCK_ELEMENTS = 2**26
-SOFTPLUS_THRESHOLD = 20.0
 
 
 def default_chunk_size(batch: int, dim: int, d_state: int, device: torch.device) -> int:
@@ -49,11 +50,6 @@ def default_chunk_size(batch: int, dim: int, d_state: int, device: torch.device)
     if device.type == "cpu" and 8 * per_step <= CPU_BLOCK_ELEMENTS < 16 * per_step:
         return 8
     return 16
-
-
-def compute_dtype(u: Tensor) -> torch.dtype:
-    """float64 inputs are computed in float64 (for gradcheck); everything else accumulates in float32."""
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
 @contextlib.contextmanager
@@ -109,11 +105,8 @@ class _Inputs:
     """The step-independent inputs in compute dtype and time-major layout, shared by forward and backward."""
 
     def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus: bool, dtype: torch.dtype):
-        delta_raw = delta.to(dtype)
-        if delta_bias is not None:
-            delta_raw = delta_raw + delta_bias.to(dtype)[:, None]
-        self.delta_raw = delta_raw
-        self.delta = F.softplus(delta_raw, threshold=SOFTPLUS_THRESHOLD) if delta_softplus else delta_raw
+        self.delta_raw = biased_delta(delta, delta_bias, dtype)
+        self.delta = softplus(self.delta_raw) if delta_softplus else self.delta_raw
         self.u = u.to(dtype)
         self.A_T = A.to(dtype).t().contiguous()  # (N, d)
         self.A_log2_T = self.A_T * math.log2(math.e)
