@@ -15,6 +15,7 @@ keep their own files (the device tool returns at most 8 files from $OUT).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -50,6 +51,9 @@ class Step:
 def steps(out: Path, tmp: Path) -> list[Step]:
     py = sys.executable
     me = str(Path(__file__).resolve())
+    xdist = (
+        ["-n", "8"] if importlib.util.find_spec("xdist") else []
+    )  # compiles the kernel variants in parallel
     bench_scan = ["benchmarks/bench_scan.py", "--device", "cuda", "--dtype", "bfloat16"]
     bench_scan += ["--shapes", *PAPER_SHAPES, "--out", str(out / "bench_scan_gpu.json")]
     bench_model = ["benchmarks/bench_model.py", "--device", "cuda", "--preset", "B/2", "--batch", "32"]
@@ -63,7 +67,16 @@ def steps(out: Path, tmp: Path) -> list[Step]:
         Step("probe", [py, me, "probe", "--out", str(tmp / "probe.json")], 120, embed=True),
         Step(
             "pytest_triton_cuda",
-            [py, "-m", "pytest", "tests/arcee_scan/test_triton_backend.py", "-q", "-p", "no:cacheprovider"],
+            [
+                py,
+                "-m",
+                "pytest",
+                "tests/arcee_scan/test_triton_backend.py",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                *xdist,
+            ],
             240,
         ),
         Step("bench_scan", [py, *bench_scan], 150, outputs=["bench_scan_gpu.json"]),
@@ -235,7 +248,7 @@ def probe_step(args: argparse.Namespace) -> None:
 
 def bench_step(args: argparse.Namespace) -> None:
     """``triton.testing.do_bench`` medians of the Triton scan (default, deterministic, reverse=True) and of
-    the torch backend on the same card, bf16 inputs, plus a small tile sweep at the first shape."""
+    the torch backend on the same card, bf16 inputs, plus a tile sweep at ``--sweep-shapes``."""
     from bench_scan import make_inputs, parse_shape
     from triton.testing import do_bench
 
@@ -304,36 +317,63 @@ def bench_step(args: argparse.Namespace) -> None:
         torch.cuda.empty_cache()
         Path(args.out).write_text(json.dumps(report, indent=1))
 
-    # tile sweep at the first shape over the module's tile knobs, restored after each configuration
-    inputs = make_inputs(parse_shape(args.shapes[0]), torch.bfloat16, "cuda")
+    # tile sweep over the module's tile knobs, restored after each configuration
     knobs = ("FORWARD_TILE", "FORWARD_MAX_BLOCK_D", "FORWARD_NUM_WARPS")
     knobs += ("BACKWARD_TILE", "BACKWARD_BLOCK_N", "BACKWARD_NUM_WARPS")
+    knobs += (
+        "DETERMINISTIC_BACKWARD_TILE",
+        "DETERMINISTIC_BACKWARD_BLOCK_N",
+        "DETERMINISTIC_BACKWARD_NUM_WARPS",
+    )
     defaults = {k: getattr(triton_scan, k) for k in knobs}
     report["tile_defaults"] = defaults
     report["sweep"] = []
     sweep = [
-        ("fwd", {"FORWARD_TILE": 256, "FORWARD_NUM_WARPS": 1}),  # reductions over N inside one warp
-        ("fwd", {"FORWARD_TILE": 512, "FORWARD_NUM_WARPS": 2}),
-        ("fwd", {"FORWARD_TILE": 512, "FORWARD_NUM_WARPS": 4}),
-        ("fwd", {"FORWARD_TILE": 1024, "FORWARD_NUM_WARPS": 8}),
-        ("fwd", {"FORWARD_TILE": 2048, "FORWARD_NUM_WARPS": 4}),
-        ("fwd", {"FORWARD_TILE": 2048, "FORWARD_NUM_WARPS": 8}),
-        ("fwd", {"FORWARD_TILE": 4096, "FORWARD_NUM_WARPS": 8}),
-        ("fwd_bwd", {"BACKWARD_TILE": 512, "BACKWARD_NUM_WARPS": 4}),
-        ("fwd_bwd", {"BACKWARD_TILE": 2048, "BACKWARD_NUM_WARPS": 8}),
-        ("fwd_bwd", {"BACKWARD_TILE": 2048, "BACKWARD_BLOCK_N": 32, "BACKWARD_NUM_WARPS": 8}),
-        ("fwd_bwd", {"BACKWARD_TILE": 4096, "BACKWARD_BLOCK_N": 32, "BACKWARD_NUM_WARPS": 8}),
-        ("fwd_bwd", {"BACKWARD_TILE": 1024, "BACKWARD_NUM_WARPS": 4}),
+        # forward: channels per program (min(TILE / N, MAX_BLOCK_D)) and warps
+        ("fwd", {"FORWARD_TILE": 512}),
+        ("fwd", {"FORWARD_TILE": 2048, "FORWARD_NUM_WARPS": 2}),
+        ("fwd", {"FORWARD_MAX_BLOCK_D": 8}),
+        ("fwd", {"FORWARD_MAX_BLOCK_D": 32}),
+        ("fwd", {"FORWARD_MAX_BLOCK_D": 32, "FORWARD_NUM_WARPS": 4}),
+        # backward: (BLOCK_D x BLOCK_N x chunk) tile, warps, checkpoint interval
+        ("fwd_bwd", {"BACKWARD_TILE": 512}),
+        ("fwd_bwd", {"BACKWARD_TILE": 1024, "BACKWARD_BLOCK_N": 32}),
+        ("fwd_bwd", {"BACKWARD_TILE": 2048, "BACKWARD_NUM_WARPS": 2}),
+        ("fwd_bwd", {"chunk_size": 8}),
+        ("fwd_bwd", {"chunk_size": 32}),
+        # deterministic backward: wider channel blocks bound the partial sums' memory
+        (
+            "fwd_bwd",
+            {
+                "deterministic": True,
+                "DETERMINISTIC_BACKWARD_TILE": 1024,
+                "DETERMINISTIC_BACKWARD_NUM_WARPS": 1,
+            },
+        ),
+        (
+            "fwd_bwd",
+            {
+                "deterministic": True,
+                "DETERMINISTIC_BACKWARD_TILE": 4096,
+                "DETERMINISTIC_BACKWARD_NUM_WARPS": 4,
+            },
+        ),
     ]
-    for mode, config in sweep:
-        for key, value in config.items():
-            setattr(triton_scan, key, value)
-        row = guarded(str(config), inputs, mode, backend="triton")
-        for key, value in defaults.items():
-            setattr(triton_scan, key, value)
-        report["sweep"].append({"mode": mode, "config": config, **row})
-        print("sweep", mode, config, row, flush=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    for text in args.sweep_shapes:
+        inputs = make_inputs(parse_shape(text), torch.bfloat16, "cuda")
+        for mode, config in sweep:
+            tiles = {key: value for key, value in config.items() if key in defaults}
+            for key, value in tiles.items():
+                setattr(triton_scan, key, value)
+            options = {key: config[key] for key in ("chunk_size", "deterministic") if key in config}
+            row = guarded(str(config), inputs, mode, backend="triton", **options)
+            for key, value in defaults.items():
+                setattr(triton_scan, key, value)
+            report["sweep"].append({"shape": text, "mode": mode, "config": config, **row})
+            print("sweep", text, mode, config, row, flush=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        del inputs
+        torch.cuda.empty_cache()
     print_table(report)
 
 
@@ -360,6 +400,9 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated step names (driver mode)")
     parser.add_argument("--budget", type=float, default=480.0, help="overall seconds for all steps")
     parser.add_argument("--shapes", nargs="+", default=PAPER_SHAPES, help="bench: batch,dim,L,N ...")
+    parser.add_argument(
+        "--sweep-shapes", nargs="*", default=[PAPER_SHAPES[0], PAPER_SHAPES[2]], help="bench: tile sweeps"
+    )
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
     args = parser.parse_args()

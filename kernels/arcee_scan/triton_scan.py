@@ -7,17 +7,22 @@ Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set bef
 
 Forward: one program per (batch, block of channels) keeps the fp32 ``(BLOCK_D, N)`` state tile in registers
 and walks time, so each ``B_t``/``C_t`` load serves BLOCK_D channels; it writes ``h_T`` and the state entering
-every chunk of ``chunk_size`` steps.
+every chunk of ``chunk_size`` steps. Each step's inputs are loaded one step ahead.
 
 Backward: one program per (batch, block of channels, block of states) walks the chunks in reverse. Per chunk
 it rebuilds ``h`` from the checkpoint with a first-order associative scan and builds ``g`` with a reverse scan
 whose combine carries the segment's first decay, so ``a_{t+1}`` never has to be shifted into place (shifting
-a register tile means a second exp per element, and exps are what this kernel is bound by). Nothing is ever
-divided by a decay: products of ``a`` only underflow to zero, which is harmless.
+a register tile costs a second exp per element). Nothing is ever divided by a decay: products of ``a`` only
+underflow to zero, which is harmless. Its tiles put time first, so the scans run inside each thread.
 
 Sums across programs (dB/dC over channel blocks, du/ddelta over state blocks) use fp32 atomics by default;
 ``deterministic=True`` has every program write a private partial instead and sums the partials with torch
 reductions, which run in a fixed order. dA, dD and d delta_bias are always summed that way.
+
+On a GPU, exp2, log2 and the divisions of sigmoid use the hardware's approximate instructions (relative
+error at most ~4e-6, tested against the reference on the GPU); the interpreter runs the portable ``tl`` ones.
+Both kernels are bound by the instructions issued per state element, not by the exp unit: see
+docs/benchmarks/triton.md for the H100 measurements behind the tile sizes below.
 """
 
 from __future__ import annotations
@@ -33,21 +38,29 @@ from triton.runtime.interpreter import InterpretedFunction
 __all__ = ["scan_forward", "scan_backward", "REVERSE_SCAN_WITH_FLIP"]
 
 # `tl.associative_scan(..., reverse=True)` with a non-commutative combine has GPU bug reports
-# (triton-lang/triton#4362, #8412); flipping the tile, scanning forward and flipping back is the safe default.
-# Set ARCEE_SCAN_TRITON_FLIP=0 to use reverse=True (benchmarks/device_check.py probes whether it is correct).
+# (triton-lang/triton#4362, #8412); flipping the tile, scanning forward and flipping back is the default. On
+# an H100 with Triton 3.6 both were correct (benchmarks/device_check.py probes it) and the flip was faster.
+# Set ARCEE_SCAN_TRITON_FLIP=0 to use reverse=True.
 REVERSE_SCAN_WITH_FLIP = os.environ.get("ARCEE_SCAN_TRITON_FLIP", "1") != "0"
 
 # Tile sizes: elements of one program's fp32 state tile (forward: BLOCK_D x N; backward: BLOCK_D x BLOCK_N x
-# chunk). Not tuned on a GPU yet: chosen so ptxas (sm_90, Triton 3.8) reports <= 128 registers and no
-# spills, i.e. at least 16 resident warps per SM. Tests shrink them to exercise the multi-block sums.
+# chunk) and warps per program, measured on an H100 at the paper's shapes (docs/benchmarks/triton.md). Both
+# kernels are fastest as one-warp programs: the sums over N and over channels stay in shuffles, without
+# shared memory or barriers. The deterministic backward keeps one dB/dC partial per channel block,
+# (batch, dim / BLOCK_D, N, L) floats twice over, so it takes wider blocks (~10 GB at the paper's shape).
+# Tests shrink the tiles to exercise the multi-block sums.
 FORWARD_TILE = 1024
-FORWARD_MAX_BLOCK_D = 32
-FORWARD_NUM_WARPS = 4
+FORWARD_MAX_BLOCK_D = 8
+FORWARD_NUM_WARPS = 1
 BACKWARD_TILE = 1024
-BACKWARD_BLOCK_N = 16
-BACKWARD_NUM_WARPS = 8
+BACKWARD_BLOCK_N = 32
+BACKWARD_NUM_WARPS = 1
+DETERMINISTIC_BACKWARD_TILE = 2048
+DETERMINISTIC_BACKWARD_BLOCK_N = 16
+DETERMINISTIC_BACKWARD_NUM_WARPS = 2
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _is_interpreted(kernel) -> bool:
@@ -55,18 +68,51 @@ def _is_interpreted(kernel) -> bool:
 
 
 @triton.jit
+def _exp2(x):
+    # ex2.approx.ftz: one instruction instead of five (tl.exp2 rescales around denormal results); a decay
+    # below 2^-126 becomes zero, which the recurrence tolerates. The interpreter runs no PTX.
+    if _INTERPRETED:
+        return tl.exp2(x)
+    else:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def _log2(x):
+    # lg2.approx: absolute error below 2^-22 (tl.log2 is a ~25-instruction polynomial)
+    if _INTERPRETED:
+        return tl.log2(x)
+    else:
+        return tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def _sigmoid(x):
+    return tl.fdiv(1.0, 1.0 + _exp2(-x * LOG2E), ieee_rounding=False)
+
+
+@triton.jit
 def _softplus(x):
-    # log1p(exp(-|x|)) by Kahan's trick (libdevice.log1p does not run in the interpreter); torch's threshold
-    e = tl.exp(-tl.abs(x))
-    w = 1.0 + e
-    rounded = w - 1.0  # e as 1 + e actually stored it; the ratio cancels log's rounding of w
-    log1p_e = tl.where(rounded == 0.0, e, tl.log(w) * (e / tl.where(rounded == 0.0, 1.0, rounded)))
+    # max(x, 0) + log1p(e), e = exp(-|x|) <= 1: a series where log2(1 + e) would lose e's low bits
+    # (relative error < 1e-6), the fast log2 above (< 4e-6); identity above torch's threshold of 20
+    e = _exp2(-tl.abs(x) * LOG2E)
+    series = e * (1.0 - e * (0.5 - e * (0.3333333333333333 - e * 0.25)))
+    log1p_e = tl.where(e < 0.03125, series, _log2(1.0 + e) * LN2)
     return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_e)
 
 
 @triton.jit
 def _softplus_grad(x):
-    return tl.where(x > 20.0, 1.0, tl.sigmoid(x))
+    return tl.where(x > 20.0, 1.0, _sigmoid(x))
+
+
+# Under TRITON_INTERPRET=1 every @triton.jit function is an InterpretedFunction; the helpers above then
+# take the portable branch (resolved when a kernel is compiled or interpreted, after this line ran).
+_INTERPRETED = tl.constexpr(_is_interpreted(_softplus_grad))
 
 
 @triton.jit
@@ -123,26 +169,40 @@ def _scan_fwd_kernel(
     B_ptrs = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
     C_ptrs = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
     out_ptrs = out_ptr + (pid_b * dim + offs_d) * L
-    for t in range(L):
-        if t % chunk_size == 0:
-            tl.store(ckpt_ptrs + (t // chunk_size) * d_state, h, mask=mask_dn)
-        u = tl.load(u_ptrs + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptrs + t * sdt_l, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        B_t = tl.load(B_ptrs + t * sB_l, mask=mask_n, other=0.0).to(tl.float32)
-        C_t = tl.load(C_ptrs + t * sC_l, mask=mask_n, other=0.0).to(tl.float32)
-        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t[None, :]
-        y = tl.sum(h * C_t[None, :], axis=1)
-        if HAS_D:
-            y += D * u
-        if HAS_Z:
-            tl.store(ypre_ptr + (pid_b * dim + offs_d) * L + t, y, mask=mask_d)
-            z = tl.load(z_ptrs + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(out_ptrs + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+    # every step's inputs are loaded one step ahead: only h carries over from step to step, so the loads'
+    # latency hides behind the step before instead of stalling the warp
+    u_next = tl.load(u_ptrs, mask=mask_d, other=0.0)
+    dt_next = tl.load(delta_ptrs, mask=mask_d, other=0.0)
+    B_next = tl.load(B_ptrs, mask=mask_n, other=0.0)
+    C_next = tl.load(C_ptrs, mask=mask_n, other=0.0)
+    if HAS_Z:
+        z_next = tl.load(z_ptrs, mask=mask_d, other=0.0)
+    for chunk in range(n_chunks):
+        tl.store(ckpt_ptrs + chunk * d_state, h, mask=mask_dn)
+        for t in range(chunk * chunk_size, tl.minimum(chunk * chunk_size + chunk_size, L)):
+            u = u_next.to(tl.float32)
+            dt = dt_next.to(tl.float32)
+            B_t = B_next.to(tl.float32)
+            C_t = C_next.to(tl.float32)
+            ahead = t + 1 < L
+            u_next = tl.load(u_ptrs + (t + 1) * su_l, mask=mask_d & ahead, other=0.0)
+            dt_next = tl.load(delta_ptrs + (t + 1) * sdt_l, mask=mask_d & ahead, other=0.0)
+            B_next = tl.load(B_ptrs + (t + 1) * sB_l, mask=mask_n & ahead, other=0.0)
+            C_next = tl.load(C_ptrs + (t + 1) * sC_l, mask=mask_n & ahead, other=0.0)
+            if HAS_BIAS:
+                dt += bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            h = _exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B_t[None, :]
+            y = tl.sum(h * C_t[None, :], axis=1)
+            if HAS_D:
+                y += D * u
+            if HAS_Z:
+                tl.store(ypre_ptr + (pid_b * dim + offs_d) * L + t, y, mask=mask_d)
+                z = z_next.to(tl.float32)
+                z_next = tl.load(z_ptrs + (t + 1) * sz_l, mask=mask_d & ahead, other=0.0)
+                y = y * z * _sigmoid(z)
+            tl.store(out_ptrs + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
     tl.store(hT_ptr + state_offs, h, mask=mask_dn)
 
 
@@ -185,97 +245,105 @@ def _scan_bwd_kernel(
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     ckpt_ptrs = ckpt_ptr + ((pid_b * dim + offs_d[:, None]) * n_chunks) * d_state + offs_n[None, :]
 
-    row_dl = (pid_b * dim + offs_d[:, None]) * L  # (b, d, L) contiguous outputs
-    B_base = B_ptr + pid_b * sB_b + group * sB_g + offs_n[:, None] * sB_n
-    C_base = C_ptr + pid_b * sC_b + group * sC_g + offs_n[:, None] * sC_n
+    # Tiles put time first: (BLOCK_T, BLOCK_D, BLOCK_N). Triton spreads a tile's lanes over its trailing
+    # axes, so each thread holds a whole chunk of steps and the scans and flips over time run in registers;
+    # only the sums over N and over channels cross lanes.
+    row_d = (pid_b * dim + offs_d) * L  # (b, d, L) contiguous outputs
+    B_base = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
+    C_base = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
     # dB/dC: one (N, L) slice per group, or per channel block when partials are kept (deterministic)
     bc_row = pid_b * groups + group if ATOMIC_BC else pid_b * n_d_blocks + pid_d
-    bc_base = (bc_row * d_state + offs_n[:, None]) * L
-    du_base = row_dl if ATOMIC_DU else row_dl + pid_n.to(tl.int64) * du_partial_stride
+    bc_base = (bc_row * d_state + offs_n) * L
+    du_base = row_d if ATOMIC_DU else row_d + pid_n.to(tl.int64) * du_partial_stride
+    first = steps[:, None, None] == 0
+    last = steps[:, None, None] == BLOCK_T - 1
 
     for i in range(n_chunks):
         chunk = n_chunks - 1 - i
         offs_t = chunk * chunk_size + steps
         mask_t = (steps < chunk_size) & (offs_t < L)
-        mask_dt = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
+        mask_td = mask_t[:, None] & mask_d[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
 
-        # (BLOCK_D, BLOCK_T) per-channel inputs
-        u = tl.load(u_ptr + pid_b * su_b + offs_d[:, None] * su_d + offs_t[None, :] * su_l, mask=mask_dt,
+        # (BLOCK_T, BLOCK_D) per-channel inputs
+        u = tl.load(u_ptr + pid_b * su_b + offs_t[:, None] * su_l + offs_d[None, :] * su_d, mask=mask_td,
                     other=0.0).to(tl.float32)  # fmt: skip
-        dt_raw = tl.load(delta_ptr + pid_b * sdt_b + offs_d[:, None] * sdt_d + offs_t[None, :] * sdt_l,
-                         mask=mask_dt, other=0.0).to(tl.float32)  # fmt: skip
+        dt_raw = tl.load(delta_ptr + pid_b * sdt_b + offs_t[:, None] * sdt_l + offs_d[None, :] * sdt_d,
+                         mask=mask_td, other=0.0).to(tl.float32)  # fmt: skip
         if HAS_BIAS:
-            dt_raw += bias[:, None]
+            dt_raw += bias[None, :]
         dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
         # steps past L or past the chunk become identity steps (a = 1, b = 0): zero delta AFTER softplus
-        dt = tl.where(mask_t[None, :], dt, 0.0)
+        dt = tl.where(mask_t[:, None], dt, 0.0)
         if HAS_DOUT:
-            dout = tl.load(dout_ptr + pid_b * so_b + offs_d[:, None] * so_d + offs_t[None, :] * so_l,
-                           mask=mask_dt, other=0.0).to(tl.float32)  # fmt: skip
+            dout = tl.load(dout_ptr + pid_b * so_b + offs_t[:, None] * so_l + offs_d[None, :] * so_d,
+                           mask=mask_td, other=0.0).to(tl.float32)  # fmt: skip
             if HAS_Z:
-                z = tl.load(z_ptr + pid_b * sz_b + offs_d[:, None] * sz_d + offs_t[None, :] * sz_l,
-                            mask=mask_dt, other=0.0).to(tl.float32)  # fmt: skip
-                sig_z = tl.sigmoid(z)
+                z = tl.load(z_ptr + pid_b * sz_b + offs_t[:, None] * sz_l + offs_d[None, :] * sz_d,
+                            mask=mask_td, other=0.0).to(tl.float32)  # fmt: skip
+                sig_z = _sigmoid(z)
                 dy = dout * z * sig_z
             else:
                 dy = dout
         else:
-            dy = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
-        # (BLOCK_N, BLOCK_T) group inputs
-        B = tl.load(B_base + offs_t[None, :] * sB_l, mask=mask_nt, other=0.0).to(tl.float32)
-        C = tl.load(C_base + offs_t[None, :] * sC_l, mask=mask_nt, other=0.0).to(tl.float32)
+            dy = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        # (BLOCK_T, BLOCK_N) group inputs
+        B = tl.load(B_base[None, :] + offs_t[:, None] * sB_l, mask=mask_tn, other=0.0).to(tl.float32)
+        C = tl.load(C_base[None, :] + offs_t[:, None] * sC_l, mask=mask_tn, other=0.0).to(tl.float32)
 
-        # (BLOCK_D, BLOCK_N, BLOCK_T) rebuild of h from the state entering the chunk
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        b = (dt * u)[:, None, :] * B[None, :, :]
+        # rebuild of h from the state entering the chunk
+        a = _exp2(dt[:, :, None] * A2[None, :, :])
+        b = (dt * u)[:, :, None] * B[:, None, :]
         h_in = tl.load(ckpt_ptrs + chunk * d_state, mask=mask_dn, other=0.0)
-        b_first = tl.where(steps[None, None, :] == 0, b + a * h_in[:, :, None], b)
-        _, h = tl.associative_scan((a, b_first), 2, _affine_combine)
+        b_first = tl.where(first, b + a * h_in[None, :, :], b)
+        _, h = tl.associative_scan((a, b_first), 0, _affine_combine)
 
         # g, backwards in time; the gradient from later chunks enters at the last slot (padded slots
         # have a = 1 and no local term, so it reaches the last real step unchanged)
-        x = C[None, :, :] * dy[:, None, :]
-        x = tl.where(steps[None, None, :] == BLOCK_T - 1, x + dh[:, :, None], x)
-        ones = tl.full((BLOCK_D, BLOCK_N, BLOCK_T), 1.0, tl.float32)
+        x = dy[:, :, None] * C[:, None, :]
+        x = tl.where(last, x + dh[None, :, :], x)
+        ones = tl.full((BLOCK_T, BLOCK_D, BLOCK_N), 1.0, tl.float32)
         if USE_FLIP:
-            _, _, g = tl.associative_scan((tl.flip(a, 2), ones, tl.flip(x, 2)), 2, _reverse_affine_combine)
-            g = tl.flip(g, 2)
+            _, _, g = tl.associative_scan((tl.flip(a, 0), ones, tl.flip(x, 0)), 0, _reverse_affine_combine)
+            g = tl.flip(g, 0)
         else:
-            _, _, g = tl.associative_scan((a, ones, x), 2, _reverse_affine_combine, reverse=True)
-        dh = tl.sum(tl.where(steps[None, None, :] == 0, a * g, 0.0), axis=2)
+            _, _, g = tl.associative_scan((a, ones, x), 0, _reverse_affine_combine, reverse=True)
+        dh = tl.sum(tl.where(first, a * g, 0.0), axis=0)
 
         g_decayed_h = g * (h - b)  # g_t a_t h_{t-1}, without ever forming h_{t-1}
-        dA_acc += tl.sum(g_decayed_h * dt[:, None, :], axis=2)
-        S = tl.sum(g * B[None, :, :], axis=1)
-        ddt = u * S + tl.sum(g_decayed_h * A[:, :, None], axis=1)
+        dA_acc += tl.sum(g_decayed_h * dt[:, :, None], axis=0)
+        S = tl.sum(g * B[:, None, :], axis=2)
+        ddt = u * S + tl.sum(g_decayed_h * A[None, :, :], axis=2)
         du = dt * S
         if HAS_D:
-            du += tl.where(pid_n == 0, D[:, None] * dy, 0.0)
+            du += tl.where(pid_n == 0, D[None, :] * dy, 0.0)
         if SOFTPLUS:
             ddt *= _softplus_grad(dt_raw)
-        dB = tl.sum(g * (dt * u)[:, None, :], axis=0)
-        dC = tl.sum(h * dy[:, None, :], axis=0)
+        dB = tl.sum(g * (dt * u)[:, :, None], axis=1)
+        dC = tl.sum(h * dy[:, :, None], axis=1)
 
+        du_offs = du_base[None, :] + offs_t[:, None]
+        bc_offs = bc_base[None, :] + offs_t[:, None]
         if ATOMIC_DU:
-            tl.atomic_add(du_ptr + du_base + offs_t[None, :], du, mask=mask_dt, sem="relaxed")
-            tl.atomic_add(ddelta_ptr + du_base + offs_t[None, :], ddt, mask=mask_dt, sem="relaxed")
+            tl.atomic_add(du_ptr + du_offs, du, mask=mask_td, sem="relaxed")
+            tl.atomic_add(ddelta_ptr + du_offs, ddt, mask=mask_td, sem="relaxed")
         else:
-            tl.store(du_ptr + du_base + offs_t[None, :], du, mask=mask_dt)
-            tl.store(ddelta_ptr + du_base + offs_t[None, :], ddt, mask=mask_dt)
+            tl.store(du_ptr + du_offs, du, mask=mask_td)
+            tl.store(ddelta_ptr + du_offs, ddt, mask=mask_td)
         if ATOMIC_BC:
-            tl.atomic_add(dB_ptr + bc_base + offs_t[None, :], dB, mask=mask_nt, sem="relaxed")
-            tl.atomic_add(dC_ptr + bc_base + offs_t[None, :], dC, mask=mask_nt, sem="relaxed")
+            tl.atomic_add(dB_ptr + bc_offs, dB, mask=mask_tn, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc_offs, dC, mask=mask_tn, sem="relaxed")
         else:
-            tl.store(dB_ptr + bc_base + offs_t[None, :], dB, mask=mask_nt)
-            tl.store(dC_ptr + bc_base + offs_t[None, :], dC, mask=mask_nt)
+            tl.store(dB_ptr + bc_offs, dB, mask=mask_tn)
+            tl.store(dC_ptr + bc_offs, dC, mask=mask_tn)
         if HAS_DOUT:
-            dD_acc += tl.sum(dy * u, axis=1)
+            dD_acc += tl.sum(dy * u, axis=0)
             if HAS_Z:  # written once, by the first state block
-                mask_dz = mask_dt & (pid_n == 0)
-                y = tl.load(ypre_ptr + row_dl + offs_t[None, :], mask=mask_dz, other=0.0)
+                mask_dz = mask_td & (pid_n == 0)
+                out_offs = row_d[None, :] + offs_t[:, None]
+                y = tl.load(ypre_ptr + out_offs, mask=mask_dz, other=0.0)
                 dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
-                tl.store(dz_ptr + row_dl + offs_t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask_dz)
+                tl.store(dz_ptr + out_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask_dz)
 
     # per-batch partials, summed over the batch by the caller in a fixed order
     tl.store(dA_ptr + state_offs, dA_acc, mask=mask_dn)
@@ -383,9 +451,14 @@ def scan_backward(
     A = A.contiguous()
     dh_T = dh_T.contiguous() if dh_T is not None else None
 
+    tile, max_block_n, num_warps = (
+        (DETERMINISTIC_BACKWARD_TILE, DETERMINISTIC_BACKWARD_BLOCK_N, DETERMINISTIC_BACKWARD_NUM_WARPS)
+        if deterministic
+        else (BACKWARD_TILE, BACKWARD_BLOCK_N, BACKWARD_NUM_WARPS)
+    )
     block_t = triton.next_power_of_2(chunk_size)
-    block_n = min(triton.next_power_of_2(d_state), BACKWARD_BLOCK_N, max(1, BACKWARD_TILE // block_t))
-    block_d = _channel_block(dim, groups, BACKWARD_TILE // (block_n * block_t))
+    block_n = min(triton.next_power_of_2(d_state), max_block_n, max(1, tile // block_t))
+    block_d = _channel_block(dim, groups, tile // (block_n * block_t))
     n_d_blocks, n_n_blocks = triton.cdiv(dim, block_d), triton.cdiv(d_state, block_n)
     atomic_bc = not deterministic and n_d_blocks > groups
     atomic_du = not deterministic and n_n_blocks > 1
@@ -416,7 +489,7 @@ def scan_backward(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_DOUT=dout is not None, HAS_DHT=dh_T is not None, HAS_H0=initial_state is not None,
         ATOMIC_BC=atomic_bc, ATOMIC_DU=atomic_du, USE_FLIP=REVERSE_SCAN_WITH_FLIP,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=BACKWARD_NUM_WARPS,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps,
     )  # fmt: skip
 
     # fixed-order sums of the per-program partials (a no-op where there is one program per sum)

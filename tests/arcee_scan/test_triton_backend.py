@@ -71,6 +71,8 @@ def small_tiles(monkeypatch):
     """Tiles so small that several programs share every sum: the atomic and partial-sum paths run."""
     monkeypatch.setattr(triton_scan, "FORWARD_TILE", 8)
     monkeypatch.setattr(triton_scan, "BACKWARD_TILE", 16)
+    monkeypatch.setattr(triton_scan, "DETERMINISTIC_BACKWARD_TILE", 16)
+    monkeypatch.setattr(triton_scan, "DETERMINISTIC_BACKWARD_BLOCK_N", 2)
     monkeypatch.setattr(triton_scan, "BACKWARD_BLOCK_N", 2)
 
 
@@ -197,4 +199,5 @@ def test_cuda_deterministic_is_bitwise_repeatable():
         for name, value in runs[0].items():
             assert torch.equal(value, other[name]), name
     atomic = outputs_and_grads(detached_copy(inputs), "triton", deterministic=False)
-    assert_all_close(atomic, runs[0], 1e-3, 1e-4)
+    # gradients come back in bf16: a different summation order may round a value one bf16 step (2^-8) apart
+    assert_all_close(atomic, runs[0], 1e-2, 1e-3)
