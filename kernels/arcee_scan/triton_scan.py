@@ -46,9 +46,10 @@ REVERSE_SCAN_WITH_FLIP = os.environ.get("ARCEE_SCAN_TRITON_FLIP", "1") != "0"
 # Tile sizes: elements of one program's fp32 state tile (forward: BLOCK_D x N; backward: BLOCK_D x BLOCK_N x
 # chunk) and warps per program, measured on an H100 at the paper's shapes (docs/benchmarks/triton.md). Both
 # kernels are fastest as one-warp programs: the sums over N and over channels stay in shuffles, without
-# shared memory or barriers. The deterministic backward keeps one dB/dC partial per channel block,
-# (batch, dim / BLOCK_D, N, L) floats twice over, so it takes wider blocks (~10 GB at the paper's shape).
-# Tests shrink the tiles to exercise the multi-block sums.
+# shared memory or barriers. The deterministic backward keeps one dB/dC partial per channel block and one
+# du/ddelta partial per state block, so it takes wider channel blocks, and runs as many samples per launch
+# as PARTIAL_SUM_BYTES of partials hold (one launch at the paper's shape would need 6.75 GiB; it now runs 7
+# samples per launch). Tests shrink the tiles to exercise the multi-block sums.
 FORWARD_TILE = 1024
 FORWARD_MAX_BLOCK_D = 8
 FORWARD_NUM_WARPS = 1
@@ -58,6 +59,7 @@ BACKWARD_NUM_WARPS = 1
 DETERMINISTIC_BACKWARD_TILE = 2048
 DETERMINISTIC_BACKWARD_BLOCK_N = 16
 DETERMINISTIC_BACKWARD_NUM_WARPS = 2
+PARTIAL_SUM_BYTES = 1 << 30
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -465,38 +467,56 @@ def scan_backward(
 
     kw = {"dtype": torch.float32, "device": u.device}
     du_parts = 1 if atomic_du else n_n_blocks
-    new_du = torch.zeros if atomic_du else torch.empty
-    du = new_du((du_parts, batch, dim, L), **kw)
-    ddelta = new_du((du_parts, batch, dim, L), **kw)
     bc_rows = groups if atomic_bc else n_d_blocks
-    new_bc = torch.zeros if atomic_bc else torch.empty
-    dB = new_bc((batch, bc_rows, d_state, L), **kw)
-    dC = new_bc((batch, bc_rows, d_state, L), **kw)
+    # outputs; an atomic sum accumulates into its output directly, so it starts from zero
+    du = (torch.zeros if atomic_du else torch.empty)((batch, dim, L), **kw)
+    ddelta = torch.zeros_like(du) if atomic_du else torch.empty_like(du)
+    dB = (torch.zeros if atomic_bc else torch.empty)((batch, groups, d_state, L), **kw)
+    dC = torch.zeros_like(dB) if atomic_bc else torch.empty_like(dB)
     dA = torch.empty((batch, dim, d_state), **kw)
     dD = torch.empty((batch, dim), **kw) if D is not None and dout is not None else None
     dz = torch.empty((batch, dim, L), dtype=z.dtype, device=u.device) if z is not None else None
     dh0 = torch.empty((batch, dim, d_state), **kw) if initial_state is not None else None
 
-    grid = (batch, n_d_blocks, n_n_blocks)
-    _scan_bwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-        delta_bias if delta_bias is not None else A, dout if dout is not None else u,
-        dh_T if dh_T is not None else dA, checkpoints, y_pregate if y_pregate is not None else u,
-        du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else du,
-        dh0 if dh0 is not None else dA,
-        dim, L, d_state, chunk_size, n_chunks, dim // groups, n_d_blocks, batch * dim * L,
-        *u.stride(), *delta.stride(), *_strides(z, 3), *_strides(dout, 3), *B.stride(), *C.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_DOUT=dout is not None, HAS_DHT=dh_T is not None, HAS_H0=initial_state is not None,
-        ATOMIC_BC=atomic_bc, ATOMIC_DU=atomic_du, USE_FLIP=REVERSE_SCAN_WITH_FLIP,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps,
-    )  # fmt: skip
+    # Per-program partials (deterministic mode) take (du_parts * dim + bc_rows * N) * L floats per sample,
+    # twice over: they are made for as many samples at a time as PARTIAL_SUM_BYTES holds, then summed.
+    partial_floats = (du_parts if du_parts > 1 else 0) * dim + (bc_rows if bc_rows != groups else 0) * d_state
+    samples = max(1, PARTIAL_SUM_BYTES // max(1, 8 * partial_floats * L)) if partial_floats else batch
+    for b0 in range(0, batch, samples):
+        rows = slice(b0, min(batch, b0 + samples))
+        n = rows.stop - rows.start
+        du_part = du[rows][None] if du_parts == 1 else torch.empty((du_parts, n, dim, L), **kw)
+        ddelta_part = ddelta[rows][None] if du_parts == 1 else torch.empty_like(du_part)
+        dB_part = dB[rows] if bc_rows == groups else torch.empty((n, bc_rows, d_state, L), **kw)
+        dC_part = dC[rows] if bc_rows == groups else torch.empty_like(dB_part)
+        u_s, delta_s, z_s, dout_s, dh_T_s, dA_s, dD_s, dz_s, dh0_s = [
+            x[rows] if x is not None else None for x in (u, delta, z, dout, dh_T, dA, dD, dz, dh0)
+        ]
+        grid = (n, n_d_blocks, n_n_blocks)
+        _scan_bwd_kernel[grid](
+            u_s, delta_s, A, B[rows], C[rows], D if D is not None else A, z_s if z is not None else u_s,
+            delta_bias if delta_bias is not None else A, dout_s if dout is not None else u_s,
+            dh_T_s if dh_T is not None else dA_s, checkpoints[rows],
+            y_pregate[rows] if y_pregate is not None else u_s,
+            du_part, ddelta_part, dA_s, dB_part, dC_part, dD_s if dD is not None else dA_s,
+            dz_s if dz is not None else du_part, dh0_s if dh0 is not None else dA_s,
+            dim, L, d_state, chunk_size, n_chunks, dim // groups, n_d_blocks, n * dim * L,
+            *u_s.stride(), *delta_s.stride(), *_strides(z_s, 3), *_strides(dout_s, 3),
+            *B.stride(), *C.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, HAS_DOUT=dout is not None, HAS_DHT=dh_T is not None,
+            HAS_H0=initial_state is not None, ATOMIC_BC=atomic_bc, ATOMIC_DU=atomic_du,
+            USE_FLIP=REVERSE_SCAN_WITH_FLIP, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t,
+            num_warps=num_warps,
+        )  # fmt: skip
+        # fixed-order sums of the per-program partials
+        if du_parts > 1:
+            torch.sum(du_part, 0, out=du[rows])
+            torch.sum(ddelta_part, 0, out=ddelta[rows])
+        if bc_rows != groups:
+            torch.sum(dB_part.view(n, groups, bc_rows // groups, d_state, L), 2, out=dB[rows])
+            torch.sum(dC_part.view(n, groups, bc_rows // groups, d_state, L), 2, out=dC[rows])
 
-    # fixed-order sums of the per-program partials (a no-op where there is one program per sum)
-    du, ddelta = (du[0], ddelta[0]) if du_parts == 1 else (du.sum(0), ddelta.sum(0))
-    if bc_rows != groups:
-        dB = dB.view(batch, groups, bc_rows // groups, d_state, L).sum(2)
-        dC = dC.view(batch, groups, bc_rows // groups, d_state, L).sum(2)
     ddelta_bias = ddelta.sum((0, 2)) if delta_bias is not None else None
     if D is not None:
         dD = dD.sum(0) if dD is not None else torch.zeros_like(D, dtype=torch.float32)

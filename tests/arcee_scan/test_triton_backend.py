@@ -93,6 +93,31 @@ def test_deterministic_is_bitwise_repeatable(small_tiles):
         assert torch.equal(value, second[name]), name
 
 
+class _CountingLaunches:
+    """Stands in for a kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_partial_sums_a_few_samples_at_a_time(small_tiles, monkeypatch):
+    # with PARTIAL_SUM_BYTES too small for even one sample's partials, the backward runs one sample per
+    # launch: the same bits as one launch over the whole batch
+    inputs = make_inputs(3, 8, 7, 5, 2, device=DEVICE)
+    whole = outputs_and_grads(detached_copy(inputs), "triton", chunk_size=4, deterministic=True)
+    launches = _CountingLaunches(triton_scan._scan_bwd_kernel)
+    monkeypatch.setattr(triton_scan, "_scan_bwd_kernel", launches)
+    monkeypatch.setattr(triton_scan, "PARTIAL_SUM_BYTES", 1)
+    sliced = outputs_and_grads(detached_copy(inputs), "triton", chunk_size=4, deterministic=True)
+    assert [grid[0] for grid in launches.grids] == [1, 1, 1]
+    for name, value in whole.items():
+        assert torch.equal(value, sliced[name]), name
+
+
 @pytest.mark.parametrize("use_flip", [True, False], ids=["flip", "reverse"])
 def test_reverse_scan_variants(monkeypatch, use_flip):
     # tl.flip + forward scan (the default) and associative_scan(reverse=True) must both be right
