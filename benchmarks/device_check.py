@@ -51,9 +51,9 @@ class Step:
 def steps(out: Path, tmp: Path) -> list[Step]:
     py = sys.executable
     me = str(Path(__file__).resolve())
-    xdist = (
-        ["-n", "8"] if importlib.util.find_spec("xdist") else []
-    )  # compiles the kernel variants in parallel
+    pytest = [py, "-m", "pytest", "tests/arcee_scan/test_triton_backend.py", "-q", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("xdist"):
+        pytest += ["-n", "8"]  # compiles the kernel variants in parallel
     bench_scan = ["benchmarks/bench_scan.py", "--device", "cuda", "--dtype", "bfloat16"]
     bench_scan += ["--shapes", *PAPER_SHAPES, "--out", str(out / "bench_scan_gpu.json")]
     bench_model = ["benchmarks/bench_model.py", "--device", "cuda", "--preset", "B/2", "--batch", "32"]
@@ -65,20 +65,7 @@ def steps(out: Path, tmp: Path) -> list[Step]:
     return [
         Step("env", [py, me, "env", "--out", str(tmp / "env.json")], 60, embed=True),
         Step("probe", [py, me, "probe", "--out", str(tmp / "probe.json")], 120, embed=True),
-        Step(
-            "pytest_triton_cuda",
-            [
-                py,
-                "-m",
-                "pytest",
-                "tests/arcee_scan/test_triton_backend.py",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                *xdist,
-            ],
-            240,
-        ),
+        Step("pytest_triton_cuda", pytest, 240),
         Step("bench_scan", [py, *bench_scan], 150, outputs=["bench_scan_gpu.json"]),
         Step(
             "bench_triton",
@@ -328,36 +315,24 @@ def bench_step(args: argparse.Namespace) -> None:
     defaults = {k: getattr(triton_scan, k) for k in knobs}
     report["tile_defaults"] = defaults
     report["sweep"] = []
+    det = {"deterministic": True}
     sweep = [
         # forward: channels per program (min(TILE / N, MAX_BLOCK_D)) and warps
         ("fwd", {"FORWARD_TILE": 512}),
+        ("fwd", {"FORWARD_MAX_BLOCK_D": 4}),
+        ("fwd", {"FORWARD_MAX_BLOCK_D": 16}),
         ("fwd", {"FORWARD_TILE": 2048, "FORWARD_NUM_WARPS": 2}),
-        ("fwd", {"FORWARD_MAX_BLOCK_D": 8}),
-        ("fwd", {"FORWARD_MAX_BLOCK_D": 32}),
-        ("fwd", {"FORWARD_MAX_BLOCK_D": 32, "FORWARD_NUM_WARPS": 4}),
         # backward: (BLOCK_D x BLOCK_N x chunk) tile, warps, checkpoint interval
+        ("fwd_bwd", {"BACKWARD_BLOCK_N": 16}),
+        ("fwd_bwd", {"BACKWARD_BLOCK_N": 64}),
         ("fwd_bwd", {"BACKWARD_TILE": 512}),
-        ("fwd_bwd", {"BACKWARD_TILE": 1024, "BACKWARD_BLOCK_N": 32}),
         ("fwd_bwd", {"BACKWARD_TILE": 2048, "BACKWARD_NUM_WARPS": 2}),
         ("fwd_bwd", {"chunk_size": 8}),
         ("fwd_bwd", {"chunk_size": 32}),
         # deterministic backward: wider channel blocks bound the partial sums' memory
-        (
-            "fwd_bwd",
-            {
-                "deterministic": True,
-                "DETERMINISTIC_BACKWARD_TILE": 1024,
-                "DETERMINISTIC_BACKWARD_NUM_WARPS": 1,
-            },
-        ),
-        (
-            "fwd_bwd",
-            {
-                "deterministic": True,
-                "DETERMINISTIC_BACKWARD_TILE": 4096,
-                "DETERMINISTIC_BACKWARD_NUM_WARPS": 4,
-            },
-        ),
+        ("fwd_bwd", det | {"DETERMINISTIC_BACKWARD_TILE": 1024, "DETERMINISTIC_BACKWARD_NUM_WARPS": 1}),
+        ("fwd_bwd", det | {"DETERMINISTIC_BACKWARD_BLOCK_N": 32}),
+        ("fwd_bwd", det | {"DETERMINISTIC_BACKWARD_TILE": 4096, "DETERMINISTIC_BACKWARD_NUM_WARPS": 4}),
     ]
     for text in args.sweep_shapes:
         inputs = make_inputs(parse_shape(text), torch.bfloat16, "cuda")
