@@ -19,8 +19,9 @@ Sums across programs (dB/dC over channel blocks, du/ddelta over state blocks) us
 ``deterministic=True`` has every program write a private partial instead and sums the partials with torch
 reductions, which run in a fixed order. dA, dD and d delta_bias are always summed that way.
 
-On a GPU, exp2, log2 and the divisions of sigmoid use the hardware's approximate instructions (relative
-error at most ~4e-6, tested against the reference on the GPU); the interpreter runs the portable ``tl`` ones.
+On an NVIDIA GPU, exp2 and log2 are the hardware's approximate instructions (inline PTX), and sigmoid divides
+approximately: relative error at most ~4e-6, tested against the reference on an H100. The interpreter and
+ROCm builds of torch run the portable ``tl`` functions.
 Both kernels are bound by the instructions issued per state element, not by the exp unit: see
 docs/benchmarks/triton.md for the H100 measurements behind the tile sizes below.
 """
@@ -72,24 +73,24 @@ def _is_interpreted(kernel) -> bool:
 @triton.jit
 def _exp2(x):
     # ex2.approx.ftz: one instruction instead of five (tl.exp2 rescales around denormal results); a decay
-    # below 2^-126 becomes zero, which the recurrence tolerates. The interpreter runs no PTX.
-    if _INTERPRETED:
-        return tl.exp2(x)
-    else:
+    # below 2^-126 becomes zero, which the recurrence tolerates
+    if _PTX_MATH:
         return tl.inline_asm_elementwise(
             "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
         )
+    else:
+        return tl.exp2(x)
 
 
 @triton.jit
 def _log2(x):
     # lg2.approx: absolute error below 2^-22 (tl.log2 is a ~25-instruction polynomial)
-    if _INTERPRETED:
-        return tl.log2(x)
-    else:
+    if _PTX_MATH:
         return tl.inline_asm_elementwise(
             "lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
         )
+    else:
+        return tl.log2(x)
 
 
 @triton.jit
@@ -112,9 +113,10 @@ def _softplus_grad(x):
     return tl.where(x > 20.0, 1.0, _sigmoid(x))
 
 
-# Under TRITON_INTERPRET=1 every @triton.jit function is an InterpretedFunction; the helpers above then
-# take the portable branch (resolved when a kernel is compiled or interpreted, after this line ran).
-_INTERPRETED = tl.constexpr(_is_interpreted(_softplus_grad))
+# The helpers above use inline PTX when the kernels compile for an NVIDIA GPU, and the portable tl functions
+# under TRITON_INTERPRET=1 (every @triton.jit function is then an InterpretedFunction, and no PTX runs) or
+# with a ROCm build of torch. Resolved when a kernel is compiled or interpreted, after this line ran.
+_PTX_MATH = tl.constexpr(not _is_interpreted(_softplus_grad) and torch.version.hip is None)
 
 
 @triton.jit
