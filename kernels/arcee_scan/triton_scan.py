@@ -66,10 +66,6 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-def _is_interpreted(kernel) -> bool:
-    return isinstance(kernel, InterpretedFunction)
-
-
 @triton.jit
 def _exp2(x):
     # ex2.approx.ftz: one instruction instead of five (tl.exp2 rescales around denormal results); a decay
@@ -113,10 +109,12 @@ def _softplus_grad(x):
     return tl.where(x > 20.0, 1.0, _sigmoid(x))
 
 
-# The helpers above use inline PTX when the kernels compile for an NVIDIA GPU, and the portable tl functions
-# under TRITON_INTERPRET=1 (every @triton.jit function is then an InterpretedFunction, and no PTX runs) or
-# with a ROCm build of torch. Resolved when a kernel is compiled or interpreted, after this line ran.
-_PTX_MATH = tl.constexpr(not _is_interpreted(_softplus_grad) and torch.version.hip is None)
+# Under TRITON_INTERPRET=1 (read when the functions above were decorated) every @triton.jit function is an
+# InterpretedFunction, run on CPU tensors, where no PTX runs. The helpers above use inline PTX only when the
+# kernels compile for an NVIDIA GPU: not interpreted, and not a ROCm build of torch. Resolved when a kernel is
+# compiled or interpreted, after these lines ran.
+_INTERPRETED = isinstance(_softplus_grad, InterpretedFunction)
+_PTX_MATH = tl.constexpr(not _INTERPRETED and torch.version.hip is None)
 
 
 @triton.jit
@@ -375,7 +373,7 @@ def _check_input(u: Tensor) -> None:
         raise TypeError(
             "u must be float32, float16 or bfloat16 for the triton backend (fp32 state); got float64"
         )
-    if u.device.type != "cuda" and not _is_interpreted(_scan_fwd_kernel):
+    if u.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError(
             "the triton backend needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
             f"arcee_scan.triton_scan is imported; got tensors on {u.device}"
