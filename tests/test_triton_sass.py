@@ -1,0 +1,39 @@
+"""benchmarks/triton_sass.py still captures both launches and reads their machine code (no GPU needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "triton_sass.py"
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def run_report(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), "--shape", "3,64,40,16", "--dtype", "float32", *args]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_reports_both_kernels_as_launched(tmp_path: Path) -> None:
+    out = tmp_path / "sass.json"
+    result = run_report("--set", "BACKWARD_BLOCK_N=8", "--out", str(out), "--sass-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    kernels = json.loads(out.read_text())["kernels"]
+    forward, backward = kernels["scan_fwd_kernel"], kernels["scan_bwd_kernel"]
+    assert forward["constexprs"]["BLOCK_N"] == 16 and backward["constexprs"]["BLOCK_N"] == 8  # --set applied
+    assert forward["grid"][0] == backward["grid"][0] == 3  # the real batch, not the captured one
+    for kernel in (forward, backward):
+        assert 0 < kernel["registers"] <= 255 and 0 < kernel["warps_per_sm"] <= 64
+        assert kernel["instructions"] == sum(kernel["mix"].values())
+        assert "MUFU" in kernel["mix"]  # exp2 lowered to the hardware's approximate instruction
+    assert backward["constexprs"]["ATOMIC_BC"] and backward["mix"].get("REDG", 0) > 0  # atomic adds
+    assert (tmp_path / "scan_bwd_kernel.sass").read_text().count("MUFU") == backward["mix"]["MUFU"]
+
+
+def test_rejects_an_unknown_constant() -> None:
+    result = run_report("--set", "NO_SUCH_TILE=4")
+    assert result.returncode == 2 and "NAME=INT" in result.stderr
