@@ -305,8 +305,8 @@ def bench_step(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(report, indent=1))
 
     # tile sweep over the module's tile knobs, restored after each configuration
-    knobs = ("FORWARD_TILE", "FORWARD_MAX_BLOCK_D", "FORWARD_NUM_WARPS")
-    knobs += ("BACKWARD_TILE", "BACKWARD_BLOCK_N", "BACKWARD_NUM_WARPS")
+    knobs = ("FORWARD_TILE", "FORWARD_MAX_BLOCK_D", "FORWARD_NUM_WARPS", "FORWARD_MAX_REGISTERS")
+    knobs += ("BACKWARD_TILE", "BACKWARD_BLOCK_N", "BACKWARD_NUM_WARPS", "BACKWARD_MAX_REGISTERS")
     knobs += (
         "DETERMINISTIC_BACKWARD_TILE",
         "DETERMINISTIC_BACKWARD_BLOCK_N",
@@ -322,6 +322,11 @@ def bench_step(args: argparse.Namespace) -> None:
         ("fwd", {"FORWARD_MAX_BLOCK_D": 4}),
         ("fwd", {"FORWARD_MAX_BLOCK_D": 16}),
         ("fwd", {"FORWARD_TILE": 2048, "FORWARD_NUM_WARPS": 2}),
+        # register caps: more resident warps against spills (benchmarks/triton_sass.py counts both)
+        ("fwd", {"FORWARD_MAX_REGISTERS": 128}),
+        ("fwd_bwd", {"BACKWARD_MAX_REGISTERS": 200}),
+        ("fwd_bwd", {"BACKWARD_MAX_REGISTERS": 168}),
+        ("fwd_bwd", {"BACKWARD_MAX_REGISTERS": 128}),
         # backward: (BLOCK_D x BLOCK_N x chunk) tile, warps, checkpoint interval
         ("fwd_bwd", {"BACKWARD_BLOCK_N": 16}),
         ("fwd_bwd", {"BACKWARD_BLOCK_N": 64}),

@@ -45,6 +45,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 REGISTERS_PER_SM, MAX_WARPS_PER_SM = 65536, 64  # sm_80 and sm_90
+LAUNCH_OPTIONS = ("num_warps", "maxnreg")  # keyword arguments of a launch that are not kernel arguments
 
 
 class _CapturedLaunch:
@@ -111,9 +112,9 @@ def compile_launch(kernel, args: tuple, kwargs: dict, arch: int):
             signature[name] = "i64" if abs(value) >= 2**31 else "i32"
             if value % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    options = {"num_warps": kwargs.get("num_warps", 4)}
+    options = {name: kwargs[name] for name in LAUNCH_OPTIONS if kwargs.get(name) is not None}
     for name, value in kwargs.items():
-        if name != "num_warps":
+        if name not in LAUNCH_OPTIONS:
             signature[name], constexprs[name] = "constexpr", value
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -128,25 +129,46 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
         ).stdout
 
 
+def innermost_loop(sass: str) -> list[str]:
+    """Opcodes of the shortest loop body: from a backward branch's target to the branch."""
+    listing = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", sass)
+    addresses = [int(address, 16) for address, _, _ in listing]
+    bodies = []
+    for end, (address, opcode, operands) in enumerate(listing):
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
+        if target and int(target.group(1), 16) < int(address, 16) and int(target.group(1), 16) in addresses:
+            start = addresses.index(int(target.group(1), 16))
+            bodies.append([op for _, op, _ in listing[start : end + 1]])
+    return min(bodies, key=len, default=[])
+
+
 def report(compiled, grid, batch: int, kwargs: dict) -> dict:
     sass = _cuobjdump(compiled.asm["cubin"], "-sass")
     usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
     registers, num_warps = int(resources["REG"]), kwargs.get("num_warps", 4)
+    # one iteration of the innermost loop (a step of the forward, a chunk of the backward) updates the
+    # whole tile, the product of the BLOCK_* sizes, spread over the program's threads
+    tile = math.prod(value for name, value in kwargs.items() if name.startswith("BLOCK_"))
+    loop = innermost_loop(sass)
     # registers are allocated per warp in units of 256
     per_warp = math.ceil(registers * 32 / 256) * 256
     warps_per_sm = min(MAX_WARPS_PER_SM, REGISTERS_PER_SM // per_warp // num_warps * num_warps)
     return {
         "grid": [batch, *grid[1:]],
-        "constexprs": {k: v for k, v in kwargs.items() if k != "num_warps"},
+        "constexprs": {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS},
         "num_warps": num_warps,
+        "max_registers": kwargs.get("maxnreg"),
         "registers": registers,
-        "spill_bytes": int(resources["LOCAL"]),
+        "spill_bytes": int(resources["STACK"]) + int(resources["LOCAL"]),  # no calls: the stack is spills
         "shared_bytes": int(resources["SHARED"]),
         "warps_per_sm": warps_per_sm,
         "instructions": len(opcodes),
         "mix": dict(Counter(opcodes).most_common()),
+        "loop_instructions": len(loop),
+        "loop_mix": dict(Counter(loop).most_common()),
+        "loop_instructions_per_state_element": round(len(loop) * 32 * num_warps / tile, 2),
         "sass": sass,
     }
 
@@ -161,7 +183,7 @@ def main() -> None:
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="NAME=INT", help="override triton_scan's tile constants"
     )
-    parser.add_argument("--top", type=int, default=14, help="opcodes printed per kernel")
+    parser.add_argument("--top", type=int, default=14, help="loop opcodes printed per kernel")
     parser.add_argument("--out", type=Path, help="write the report (without SASS) as JSON here")
     parser.add_argument("--sass-dir", type=Path, help="write each kernel's SASS listing here")
     args = parser.parse_args()
@@ -185,8 +207,10 @@ def main() -> None:
         print(
             f"{name}: grid {tuple(r['grid'])}, {r['num_warps']} warp(s), {r['constexprs']}\n"
             f"  {r['registers']} registers, {r['spill_bytes']} B spilled, {r['shared_bytes']} B shared, "
-            f"{r['warps_per_sm']} warps/SM; {r['instructions']} SASS instructions\n"
-            f"  {', '.join(f'{op} {n}' for op, n in list(r['mix'].items())[: args.top])}"
+            f"{r['warps_per_sm']} warps/SM; {r['instructions']} SASS instructions, "
+            f"{r['loop_instructions']} in the innermost loop "
+            f"({r['loop_instructions_per_state_element']} per state element):\n"
+            f"  {', '.join(f'{op} {n}' for op, n in list(r['loop_mix'].items())[: args.top])}"
         )
         if args.sass_dir:
             args.sass_dir.mkdir(parents=True, exist_ok=True)

@@ -20,17 +20,21 @@ def run_report(*args: str) -> subprocess.CompletedProcess:
 
 def test_reports_both_kernels_as_launched(tmp_path: Path) -> None:
     out = tmp_path / "sass.json"
-    result = run_report("--set", "BACKWARD_BLOCK_N=8", "--out", str(out), "--sass-dir", str(tmp_path))
+    settings = ["BACKWARD_BLOCK_N=8", "BACKWARD_MAX_REGISTERS=96"]
+    result = run_report("--set", *settings, "--out", str(out), "--sass-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     kernels = json.loads(out.read_text())["kernels"]
     forward, backward = kernels["scan_fwd_kernel"], kernels["scan_bwd_kernel"]
     assert forward["constexprs"]["BLOCK_N"] == 16 and backward["constexprs"]["BLOCK_N"] == 8  # --set applied
+    assert forward["max_registers"] is None and backward["max_registers"] == 96 >= backward["registers"]
     assert forward["grid"][0] == backward["grid"][0] == 3  # the real batch, not the captured one
     for kernel in (forward, backward):
         assert 0 < kernel["registers"] <= 255 and 0 < kernel["warps_per_sm"] <= 64
-        assert kernel["instructions"] == sum(kernel["mix"].values())
+        assert kernel["instructions"] == sum(kernel["mix"].values()) > kernel["loop_instructions"] > 0
         assert "MUFU" in kernel["mix"]  # exp2 lowered to the hardware's approximate instruction
     assert backward["constexprs"]["ATOMIC_BC"] and backward["mix"].get("REDG", 0) > 0  # atomic adds
+    tile = forward["constexprs"]["BLOCK_D"] * forward["constexprs"]["BLOCK_N"]
+    assert forward["loop_mix"]["MUFU"] >= tile / 32  # the step loop: an exp per state element and thread
     assert (tmp_path / "scan_bwd_kernel.sass").read_text().count("MUFU") == backward["mix"]["MUFU"]
 
 

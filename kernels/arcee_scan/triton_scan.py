@@ -57,6 +57,12 @@ FORWARD_NUM_WARPS = 1
 BACKWARD_TILE = 1024
 BACKWARD_BLOCK_N = 32
 BACKWARD_NUM_WARPS = 1
+# Register caps per thread (ptxas' -maxnreg), None for ptxas' own choice. Uncapped, ptxas spends registers on
+# instruction-level parallelism: 162 in the forward and all 255 in the backward at the paper's shape, which
+# leaves room for 12 and 8 resident warps per SM (benchmarks/triton_sass.py). A cap trades spills for more
+# warps to hide latency with; the device sweep measures both.
+FORWARD_MAX_REGISTERS: int | None = None
+BACKWARD_MAX_REGISTERS: int | None = None
 DETERMINISTIC_BACKWARD_TILE = 2048
 DETERMINISTIC_BACKWARD_BLOCK_N = 16
 DETERMINISTIC_BACKWARD_NUM_WARPS = 2
@@ -417,6 +423,7 @@ def scan_forward(
         *u.stride(), *delta.stride(), *_strides(z, 3), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_H0=initial_state is not None, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FORWARD_NUM_WARPS,
+        maxnreg=FORWARD_MAX_REGISTERS,
     )  # fmt: skip
     return out, h_T, checkpoints, y_pregate
 
@@ -507,7 +514,7 @@ def scan_backward(
             SOFTPLUS=delta_softplus, HAS_DOUT=dout is not None, HAS_DHT=dh_T is not None,
             HAS_H0=initial_state is not None, ATOMIC_BC=atomic_bc, ATOMIC_DU=atomic_du,
             USE_FLIP=REVERSE_SCAN_WITH_FLIP, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t,
-            num_warps=num_warps,
+            num_warps=num_warps, maxnreg=BACKWARD_MAX_REGISTERS,
         )  # fmt: skip
         # fixed-order sums of the per-program partials
         if du_parts > 1:
