@@ -307,6 +307,7 @@ def bench_step(args: argparse.Namespace) -> None:
     # tile sweep over the module's tile knobs, restored after each configuration
     knobs = ("FORWARD_TILE", "FORWARD_MAX_BLOCK_D", "FORWARD_NUM_WARPS", "FORWARD_MAX_REGISTERS")
     knobs += ("BACKWARD_TILE", "BACKWARD_BLOCK_N", "BACKWARD_NUM_WARPS", "BACKWARD_MAX_REGISTERS")
+    knobs += ("CHANNEL_BLOCKS_FIRST", "FLOAT32_B_C")
     knobs += (
         "DETERMINISTIC_BACKWARD_TILE",
         "DETERMINISTIC_BACKWARD_BLOCK_N",
@@ -327,6 +328,11 @@ def bench_step(args: argparse.Namespace) -> None:
         ("fwd_bwd", {"BACKWARD_MAX_REGISTERS": 200}),
         ("fwd_bwd", {"BACKWARD_MAX_REGISTERS": 168}),
         ("fwd_bwd", {"BACKWARD_MAX_REGISTERS": 128}),
+        # launch choices: grid order (B/C reuse in L1) and fp32 B/C (no conversion shuffles, twice the bytes)
+        ("fwd", {"CHANNEL_BLOCKS_FIRST": True}),
+        ("fwd_bwd", {"CHANNEL_BLOCKS_FIRST": True}),
+        ("fwd", {"FLOAT32_B_C": True}),
+        ("fwd_bwd", {"FLOAT32_B_C": True}),
         # backward: (BLOCK_D x BLOCK_N x chunk) tile, warps, checkpoint interval
         ("fwd_bwd", {"BACKWARD_BLOCK_N": 16}),
         ("fwd_bwd", {"BACKWARD_BLOCK_N": 64}),

@@ -57,16 +57,27 @@ FORWARD_NUM_WARPS = 1
 BACKWARD_TILE = 1024
 BACKWARD_BLOCK_N = 32
 BACKWARD_NUM_WARPS = 1
-# Register caps per thread (ptxas' -maxnreg), None for ptxas' own choice. Uncapped, ptxas spends registers on
-# instruction-level parallelism: 162 in the forward and all 255 in the backward at the paper's shape, which
-# leaves room for 12 and 8 resident warps per SM (benchmarks/triton_sass.py). A cap trades spills for more
-# warps to hide latency with; the device sweep measures both.
-FORWARD_MAX_REGISTERS: int | None = None
-BACKWARD_MAX_REGISTERS: int | None = None
 DETERMINISTIC_BACKWARD_TILE = 2048
 DETERMINISTIC_BACKWARD_BLOCK_N = 16
 DETERMINISTIC_BACKWARD_NUM_WARPS = 2
 PARTIAL_SUM_BYTES = 1 << 30
+
+# Register caps per thread (ptxas' -maxnreg), None for ptxas' own choice. Uncapped, ptxas spends registers on
+# instruction-level parallelism: 160 in the forward and all 255 in the backward at the paper's shape, which
+# leaves room for 12 and 8 resident warps per SM (benchmarks/triton_sass.py). A cap trades spills for more
+# warps to hide latency with; the device sweep measures both.
+FORWARD_MAX_REGISTERS: int | None = None
+BACKWARD_MAX_REGISTERS: int | None = None
+
+# Two launch choices, off until a GPU run times them (the device sweep has both). Programs start roughly in
+# grid order, first axis fastest: with the sample first, the programs resident on an SM at one time read
+# different samples' B and C; with the channel blocks first (CHANNEL_BLOCKS_FIRST) they read the same
+# sample's, which L1 can then serve. FLOAT32_B_C converts half-precision B and C to fp32 before the launch:
+# the forward's 16-byte loads of 8 halves then no longer need lane shuffles to reach the state tile's layout
+# of 4 values per thread, 326 instead of 361 instructions per step at the paper's shape
+# (benchmarks/triton_sass.py), for twice the B/C bytes loaded.
+CHANNEL_BLOCKS_FIRST = False
+FLOAT32_B_C = False
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -138,6 +149,15 @@ def _reverse_affine_combine(a_later, m_later, v_later, a_earlier, m_earlier, v_e
 
 
 @triton.jit
+def _sample_and_channel_block(CHANNELS_FIRST: tl.constexpr):
+    # the grid's first two axes, in the order _grid launched them
+    if CHANNELS_FIRST:
+        return tl.program_id(1).to(tl.int64), tl.program_id(0)
+    else:
+        return tl.program_id(0).to(tl.int64), tl.program_id(1)
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, ypre_ptr, hT_ptr, ckpt_ptr,
@@ -145,10 +165,9 @@ def _scan_fwd_kernel(
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_H0: tl.constexpr, CHANNELS_FIRST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
+    pid_b, pid_d = _sample_and_channel_block(CHANNELS_FIRST)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
@@ -192,11 +211,11 @@ def _scan_fwd_kernel(
             dt = dt_next.to(tl.float32)
             B_t = B_next.to(tl.float32)
             C_t = C_next.to(tl.float32)
-            ahead = t + 1 < L
-            u_next = tl.load(u_ptrs + (t + 1) * su_l, mask=mask_d & ahead, other=0.0)
-            dt_next = tl.load(delta_ptrs + (t + 1) * sdt_l, mask=mask_d & ahead, other=0.0)
-            B_next = tl.load(B_ptrs + (t + 1) * sB_l, mask=mask_n & ahead, other=0.0)
-            C_next = tl.load(C_ptrs + (t + 1) * sC_l, mask=mask_n & ahead, other=0.0)
+            t_next = tl.minimum(t + 1, L - 1)  # the last step reloads itself: no per-step mask to build
+            u_next = tl.load(u_ptrs + t_next * su_l, mask=mask_d, other=0.0)
+            dt_next = tl.load(delta_ptrs + t_next * sdt_l, mask=mask_d, other=0.0)
+            B_next = tl.load(B_ptrs + t_next * sB_l, mask=mask_n, other=0.0)
+            C_next = tl.load(C_ptrs + t_next * sC_l, mask=mask_n, other=0.0)
             if HAS_BIAS:
                 dt += bias
             if SOFTPLUS:
@@ -208,7 +227,7 @@ def _scan_fwd_kernel(
             if HAS_Z:
                 tl.store(ypre_ptr + (pid_b * dim + offs_d) * L + t, y, mask=mask_d)
                 z = z_next.to(tl.float32)
-                z_next = tl.load(z_ptrs + (t + 1) * sz_l, mask=mask_d & ahead, other=0.0)
+                z_next = tl.load(z_ptrs + t_next * sz_l, mask=mask_d, other=0.0)
                 y = y * z * _sigmoid(z)
             tl.store(out_ptrs + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
     tl.store(hT_ptr + state_offs, h, mask=mask_dn)
@@ -224,10 +243,9 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DOUT: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr,
     ATOMIC_BC: tl.constexpr, ATOMIC_DU: tl.constexpr, USE_FLIP: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    CHANNELS_FIRST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
+    pid_b, pid_d = _sample_and_channel_block(CHANNELS_FIRST)
     pid_n = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -365,6 +383,17 @@ def _strides(x: Tensor | None, rank: int) -> tuple[int, ...]:
     return tuple(x.stride()) if x is not None else (0,) * rank
 
 
+def _grid(batch: int, channel_blocks: int, *rest: int) -> tuple[int, ...]:
+    """The launch grid, its first two axes ordered by CHANNEL_BLOCKS_FIRST."""
+    first = (channel_blocks, batch) if CHANNEL_BLOCKS_FIRST else (batch, channel_blocks)
+    return (*first, *rest)
+
+
+def _launch_B_C(B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """B and C as the kernels load them: fp32 copies (same strides) when FLOAT32_B_C is set."""
+    return (B.float(), C.float()) if FLOAT32_B_C else (B, C)
+
+
 def _channel_block(dim: int, groups: int, target: int) -> int:
     """Largest power of two <= target that keeps every channel block inside one group of B/C."""
     block = min(triton.next_power_of_2(dim), max(1, target))
@@ -414,7 +443,8 @@ def scan_forward(
 
     block_n = triton.next_power_of_2(d_state)
     block_d = _channel_block(dim, groups, min(FORWARD_TILE // block_n, FORWARD_MAX_BLOCK_D))
-    grid = (batch, triton.cdiv(dim, block_d))
+    B, C = _launch_B_C(B, C)
+    grid = _grid(batch, triton.cdiv(dim, block_d))
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
         delta_bias if delta_bias is not None else A, initial_state if initial_state is not None else h_T,
@@ -422,8 +452,8 @@ def scan_forward(
         dim, L, d_state, chunk_size, n_chunks, dim // groups,
         *u.stride(), *delta.stride(), *_strides(z, 3), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_H0=initial_state is not None, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FORWARD_NUM_WARPS,
-        maxnreg=FORWARD_MAX_REGISTERS,
+        HAS_H0=initial_state is not None, CHANNELS_FIRST=CHANNEL_BLOCKS_FIRST, BLOCK_D=block_d,
+        BLOCK_N=block_n, num_warps=FORWARD_NUM_WARPS, maxnreg=FORWARD_MAX_REGISTERS,
     )  # fmt: skip
     return out, h_T, checkpoints, y_pregate
 
@@ -458,6 +488,7 @@ def scan_backward(
     if z is not None and dout is not None and y_pregate is None:
         raise ValueError("y_pregate (saved by scan_forward) is required for the gradient through z")
     A = A.contiguous()
+    B, C = _launch_B_C(B, C)
     dh_T = dh_T.contiguous() if dh_T is not None else None
 
     tile, max_block_n, num_warps = (
@@ -499,7 +530,7 @@ def scan_backward(
         u_s, delta_s, z_s, dout_s, dh_T_s, dA_s, dD_s, dz_s, dh0_s = [
             x[rows] if x is not None else None for x in (u, delta, z, dout, dh_T, dA, dD, dz, dh0)
         ]
-        grid = (n, n_d_blocks, n_n_blocks)
+        grid = _grid(n, n_d_blocks, n_n_blocks)
         _scan_bwd_kernel[grid](
             u_s, delta_s, A, B[rows], C[rows], D if D is not None else A, z_s if z is not None else u_s,
             delta_bias if delta_bias is not None else A, dout_s if dout is not None else u_s,
@@ -513,8 +544,8 @@ def scan_backward(
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=delta_softplus, HAS_DOUT=dout is not None, HAS_DHT=dh_T is not None,
             HAS_H0=initial_state is not None, ATOMIC_BC=atomic_bc, ATOMIC_DU=atomic_du,
-            USE_FLIP=REVERSE_SCAN_WITH_FLIP, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t,
-            num_warps=num_warps, maxnreg=BACKWARD_MAX_REGISTERS,
+            USE_FLIP=REVERSE_SCAN_WITH_FLIP, CHANNELS_FIRST=CHANNEL_BLOCKS_FIRST, BLOCK_D=block_d,
+            BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps, maxnreg=BACKWARD_MAX_REGISTERS,
         )  # fmt: skip
         # fixed-order sums of the per-program partials
         if du_parts > 1:

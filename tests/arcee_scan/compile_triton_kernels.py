@@ -39,7 +39,8 @@ def compile_kernel(kernel, constexprs: dict, arch: int, input_dtype: str, num_wa
 
 def main(archs: list[int]) -> None:
     variants = [
-        # (all options on or off, input dtype, atomics, reverse scan by flip, forward / backward tiles)
+        # (all options on or off, input dtype, atomics, reverse scan by flip (the forward's grid order follows
+        # it, the backward's the other), forward / backward tiles)
         (True, "*bf16", True, True, (4, 256), (4, 16, 16)),
         (True, "*fp16", False, False, (32, 16), (8, 16, 8)),
         (False, "*fp32", True, False, (4, 256), (4, 16, 16)),
@@ -49,9 +50,10 @@ def main(archs: list[int]) -> None:
         for enabled, dtype, atomic, flip, (fwd_d, fwd_n), (bwd_d, bwd_n, bwd_t) in variants:
             flags = dict.fromkeys(OPTIONS, enabled)
             forward = {k: flags[k] for k in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "HAS_H0")}
-            forward |= {"BLOCK_D": fwd_d, "BLOCK_N": fwd_n}
+            forward |= {"CHANNELS_FIRST": flip, "BLOCK_D": fwd_d, "BLOCK_N": fwd_n}
             compile_kernel(triton_scan._scan_fwd_kernel, forward, arch, dtype, 4)
             backward = {**flags, "ATOMIC_BC": atomic, "ATOMIC_DU": atomic, "USE_FLIP": flip}
+            backward["CHANNELS_FIRST"] = not flip
             backward |= {"BLOCK_D": bwd_d, "BLOCK_N": bwd_n, "BLOCK_T": bwd_t}
             compile_kernel(triton_scan._scan_bwd_kernel, backward, arch, dtype, 8)
             print(f"sm_{arch} options={'on' if enabled else 'off'} {dtype} atomic={atomic} flip={flip}: ok")

@@ -126,6 +126,18 @@ def test_reverse_scan_variants(monkeypatch, use_flip):
     compare_to_reference(inputs, chunk_size=4)
 
 
+@pytest.mark.parametrize("choice", ["CHANNEL_BLOCKS_FIRST", "FLOAT32_B_C"])
+def test_launch_choices_change_no_bit(small_tiles, monkeypatch, choice):
+    # the grid order and fp32 copies of half B/C change which program runs when and what it loads, not a
+    # single result (deterministic mode: no atomics, whose order the grid order would change)
+    inputs = make_inputs(3, 6, 9, 3, 2, dtype=torch.bfloat16, device=DEVICE)
+    default = outputs_and_grads(detached_copy(inputs), "triton", chunk_size=4, deterministic=True)
+    monkeypatch.setattr(triton_scan, choice, True)
+    changed = outputs_and_grads(inputs, "triton", chunk_size=4, deterministic=True)
+    for name, value in default.items():
+        assert torch.equal(value, changed[name]), name
+
+
 @pytest.mark.parametrize("dtype, rtol, atol", LOW_PRECISION_TOLERANCES, ids=["fp16", "bf16"])
 def test_low_precision_inputs(dtype, rtol, atol):
     # against the fp32 reference on the same rounded inputs; states and accumulators stay fp32
