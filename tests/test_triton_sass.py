@@ -35,7 +35,7 @@ def test_reports_both_kernels_as_launched(tmp_path: Path) -> None:
     forward, backward = kernels["scan_fwd_kernel"], kernels["scan_bwd_kernel"]
     assert forward["constexprs"]["BLOCK_N"] == 16 and backward["constexprs"]["BLOCK_N"] == 8  # --set applied
     assert forward["max_registers"] is None and backward["max_registers"] == 96 >= backward["registers"]
-    assert forward["grid"][0] == backward["grid"][0] == 3  # the real batch, not the captured one
+    assert forward["grid"][0] == backward["grid"][0] == 3  # the sample axis first, by default
     for kernel in (forward, backward):
         assert 0 < kernel["registers"] <= 255 and 0 < kernel["warps_per_sm"] <= 64
         assert kernel["instructions"] == sum(kernel["mix"].values()) > kernel["loop_instructions"] > 0
