@@ -162,18 +162,21 @@ def evaluate_digits_pipeline(
     num_inference_steps: int | None = None,
     batch_size: int = 512,
 ) -> dict[str, float]:
-    """Digit metrics of a class-conditional pipeline, flat (``"guidance_1/accuracy"``, ...): at guidance 1
-    from ``num_samples`` samples and, if different, at ``guidance_scale`` from ``num_guided_samples``.
+    """Digit metrics of a pipeline, flat (``"guidance_1/frechet_ratio"``, ...): at guidance 1 from
+    ``num_samples`` samples and, if ``guidance_scale`` is not 1, at ``guidance_scale`` from
+    ``num_guided_samples``. Accuracy is reported for class-conditional pipelines only.
 
-    ``num_samples`` defaults to the size of real half B, so that ``frechet_ratio`` compares like with like
-    (the guided ``frechet_ratio`` uses fewer samples and is biased up a little).
+    ``num_samples`` defaults to the size of real half B, so that ``frechet_ratio`` at guidance 1 compares like
+    with like (the guided ``frechet_ratio`` uses fewer samples and is biased up a little).
     """
     from .sampling import sample_images
 
     num_samples = num_samples or len(real_halves()[1])
-    counts = {1.0: num_samples, float(guidance_scale): min(num_guided_samples, num_samples)}
+    counts = [(1.0, num_samples)]
+    if guidance_scale != 1:
+        counts.append((float(guidance_scale), min(num_guided_samples, num_samples)))
     results = {}
-    for scale, count in counts.items():
+    for scale, count in counts:
         images, labels, model_calls = sample_images(
             pipeline, range(count), seed, scale, num_inference_steps, batch_size
         )

@@ -67,19 +67,29 @@ def _to_pil(image: np.ndarray) -> Image.Image:
 
 
 def save_image_grid(
-    images: np.ndarray, path: str | os.PathLike, num_columns: int | None = None, scale: int = 1
-):
-    """Tile ``(N, H, W, C)`` images in [0, 1] into one PNG (``scale``× nearest-neighbour upsampling)."""
-    count, height, width, _ = images.shape
+    images: np.ndarray,
+    path: str | os.PathLike,
+    num_columns: int | None = None,
+    scale: int = 1,
+    gutter: int = 2,
+    gutter_value: float = 0.5,
+) -> Image.Image:
+    """Tile ``(N, H, W, C)`` images in [0, 1] into one PNG, each ``scale``× nearest-neighbour upsampled,
+    with ``gutter`` pixels of grey ``gutter_value`` between and around the tiles so that neighbours never
+    touch (8×8 digits on black would otherwise run into each other)."""
+    images = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
+    count, height, width, channels = images.shape
     num_columns = num_columns or math.ceil(math.sqrt(count))
     num_rows = math.ceil(count / num_columns)
-    grid = np.zeros((num_rows * height, num_columns * width, images.shape[-1]), dtype=images.dtype)
+    step_y, step_x = height + gutter, width + gutter
+    grid = np.full(
+        (num_rows * step_y + gutter, num_columns * step_x + gutter, channels), gutter_value, images.dtype
+    )
     for i, image in enumerate(images):
         row, col = divmod(i, num_columns)
-        grid[row * height : (row + 1) * height, col * width : (col + 1) * width] = image
+        top, left = gutter + row * step_y, gutter + col * step_x
+        grid[top : top + height, left : left + width] = image
     picture = _to_pil(grid)
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     picture.save(path)
     return picture
 

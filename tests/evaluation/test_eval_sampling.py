@@ -120,3 +120,39 @@ def test_eval_fid_script_offline(pipeline, tmp_path):
     assert len(list((tmp_path / "gen").glob("*.png"))) == 10
     with pytest.raises(ValueError, match="module:function"):
         eval_fid.load_extractor("no_colon")
+
+
+def test_image_grid_has_a_gutter_between_tiles(tmp_path):
+    tiles = np.ones((6, 2, 2, 1))  # white tiles: any pixel between them that is not white is gutter
+    picture = sampling.save_image_grid(tiles, tmp_path / "grid.png", num_columns=3, scale=3, gutter=2)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert picture.size == (3 * 6 + 4 * 2, 2 * 6 + 3 * 2) and grid.shape == (2 * 6 + 3 * 2, 3 * 6 + 4 * 2)
+    gutter_value = round(0.5 * 255)
+    for edge in (0, 1, 8, 9, 16, 17):  # rows above, between and below the tiles
+        assert (grid[edge] == gutter_value).all()
+    assert (grid[2:8, 2:8] == 255).all() and (grid[2:8, 8:10] == gutter_value).all()
+
+
+def digit_pipeline(num_classes):
+    torch.manual_seed(0)
+    transformer = ArceeZigmaTransformer(
+        sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=1, hidden_size=8, d_state=2,
+        num_classes=num_classes,
+    )  # fmt: skip
+    pipe = ArceeZigmaPipeline(transformer, FlowMatchGVPScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_digit_evaluation_at_guidance_1_uses_as_many_samples_as_real_half_b():
+    from arcee_diffusers.evaluation import digits
+
+    half_b = len(digits.real_halves()[1])
+    unconditional = digits.evaluate_digits_pipeline(digit_pipeline(None), 1.0, num_inference_steps=1)
+    assert unconditional["guidance_1/num_samples"] == half_b and unconditional["guidance_1/nfe"] == 1.0
+    assert not any(key.startswith("guidance_1/accuracy") for key in unconditional)
+    assert {key.split("/")[0] for key in unconditional} == {"guidance_1"}
+
+    guided = digits.evaluate_digits_pipeline(digit_pipeline(10), 3.0, num_inference_steps=1)
+    assert guided["guidance_1/num_samples"] == half_b and guided["guidance_3/num_samples"] == 500
+    assert "guidance_1/accuracy" in guided and "guidance_3/accuracy" in guided
