@@ -53,6 +53,7 @@ RECIPE_KEYS = (
     "max_grad_norm",
     "use_ema",
     "ema_decay",
+    "ema_schedule",
     "mixed_precision",
     "seed",
 )

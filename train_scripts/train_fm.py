@@ -33,6 +33,7 @@ from arcee_diffusers.pipelines.pipeline_arcee_zigma import ArceeZigmaPipeline
 from arcee_diffusers.schedulers.flow_paths import get_flow_path
 from arcee_diffusers.schedulers.scheduling_gvp_flow import FlowMatchGVPScheduler
 from arcee_diffusers.training import checkpointing, data, flow_matching, latents
+from arcee_diffusers.training.ema import EMA_SCHEDULES, create_ema
 
 logger = get_logger(__name__)
 START_TIME = time.perf_counter()
@@ -54,6 +55,8 @@ DIGITS_DEFAULTS = {
     "lr_warmup_steps": 50,
     "weighting_scheme": "logit_normal",
     "ema_decay": 0.999,
+    "ema_schedule": "ramp",
+    "dataloader_drop_last": False,
     "checkpointing_steps": 1000,
     "num_inference_steps": 16,
     "final_eval": "digits",
@@ -69,6 +72,8 @@ GENERAL_DEFAULTS = {
     "lr_warmup_steps": 0,
     "weighting_scheme": "uniform",
     "ema_decay": 0.9999,
+    "ema_schedule": "constant",
+    "dataloader_drop_last": True,
     "checkpointing_steps": 5000,
     "num_inference_steps": 32,
     "final_eval": "none",
@@ -96,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     group.add_argument("--random_flip", action="store_true")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument(
+        "--dataloader_drop_last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Drop each epoch's last incomplete batch (the paper's; the digits demo keeps it).",
+    )
     group.add_argument("--vae", help="AutoencoderKL folder or repo id: train on its latents (encoded once).")
     group.add_argument("--vae_batch_size", type=int, default=32)
 
@@ -138,6 +149,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--max_grad_norm", type=float, default=2.0)
     group.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
     group.add_argument("--ema_decay", type=float)
+    group.add_argument(
+        "--ema_schedule",
+        choices=EMA_SCHEDULES,
+        help="constant: the decay from the first update (the paper's); ramp: diffusers' "
+        "min((1+s)/(10+s), decay) (the digits demo's).",
+    )
     group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     group.add_argument("--allow_tf32", action="store_true")
     group.add_argument("--seed", type=int, default=0)
@@ -275,9 +292,10 @@ def main(args: argparse.Namespace) -> None:
         model.enable_gradient_checkpointing()
     ema = None
     if args.use_ema:
-        ema = EMAModel(
+        ema = create_ema(
             model.parameters(),
-            decay=args.ema_decay,
+            args.ema_decay,
+            args.ema_schedule,
             model_cls=ArceeZigmaTransformer,
             model_config=model.config,
         )
@@ -300,7 +318,13 @@ def main(args: argparse.Namespace) -> None:
         shuffle=True,
         collate_fn=data.collate,
         num_workers=args.dataloader_num_workers,
+        drop_last=args.dataloader_drop_last,
     )
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"train_batch_size: the dataset has {len(train_dataset)} examples, fewer than one batch of "
+            f"{args.train_batch_size} with --dataloader_drop_last"
+        )
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer,

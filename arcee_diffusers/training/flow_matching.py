@@ -21,12 +21,16 @@ def sample_flow_times(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Times ``t`` in [0, 1]: uniform (the paper's), or diffusers' SD3 logit-normal / mode densities.
+    """Times ``t``: uniform on [0, 1) (the paper's draw), or diffusers' SD3 logit-normal / mode densities.
 
-    diffusers draws a *noise level* ``u`` (1 = pure noise); in our convention ``t = 1 - u``.
+    Uniform times are the published trainer's draw itself: ``torch.rand(batch)`` from the CPU generator
+    (``generator``, if given, must be a CPU one), then moved to ``device``. diffusers draws a *noise level*
+    ``u`` (1 = pure noise) on ``device``; for its other densities ``t = 1 - u`` in our convention.
     """
     if weighting_scheme not in TIME_SAMPLINGS:
         raise ValueError(f"weighting_scheme must be one of {TIME_SAMPLINGS}, got {weighting_scheme!r}")
+    if weighting_scheme == "uniform":
+        return torch.rand(batch_size, generator=generator).to(device)
     u = compute_density_for_timestep_sampling(
         weighting_scheme,
         batch_size,

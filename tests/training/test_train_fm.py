@@ -121,7 +121,12 @@ def test_bad_inputs_name_the_culprit(run_training, image_folder, tmp_path):
     bad = write_image_folder(tmp_path / "bad", num_per_class=2)
     (bad / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
-        run_training(tmp_path / "o4", "--train_data_dir", str(bad), "--train_batch_size", "16")
+        # all 5 images in one batch
+        run_training(tmp_path / "o4", "--train_data_dir", str(bad), "--train_batch_size", "5")
+    with pytest.raises(
+        ValueError, match="train_batch_size: the dataset has 12 examples, fewer than one batch"
+    ):
+        run_training(tmp_path / "o5", "--train_data_dir", str(image_folder), "--train_batch_size", "16")
 
 
 def test_digits_default_dataset():
