@@ -11,7 +11,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
-from .mamba_blocks import AdaLNHead, build_mamba_blocks, init_mamba_blocks, run_mamba_blocks
+from .mamba_blocks import (
+    BACKWARD_DT_INITS,
+    AdaLNHead,
+    build_mamba_blocks,
+    init_mamba_blocks,
+    run_mamba_blocks,
+)
 from .scan_orders import validate_scan_config
 
 # Paper presets (d_state 256, SD-VAE latent 4 x 32 x 32, unconditional); "Tiny/2" is a demo/smoke size.
@@ -59,6 +65,10 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
         d_conv (`int`, defaults to 4): Kernel size of the mixers' causal depthwise convolution.
         expand (`int`, defaults to 2): ``d_inner = expand * hidden_size``.
         scan_backend (`str`, *optional*): Backend passed to ``arcee_scan.selective_scan`` (None = automatic).
+        backward_dt_init (`str`, defaults to `"zero"`): Initialisation of Vision Mamba's backward
+            ``dt_proj_b`` (bidirectional only): ``"zero"`` bias, so ``softplus(0) = ln 2`` on every channel,
+            as the published code's plain Linear gets; ``"mamba"``: the forward branch's dt init
+            (``softplus`` in [1e-3, 1e-1]).
     """
 
     _supports_gradient_checkpointing = True
@@ -86,6 +96,7 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
         d_conv: int = 4,
         expand: int = 2,
         scan_backend: str | None = None,
+        backward_dt_init: str = "zero",
     ):
         super().__init__()
         self._validate_config()
@@ -98,7 +109,7 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
         self.label_embed = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
 
         self.blocks = build_mamba_blocks(
-            hidden_size, num_layers, grid_size, scan_pattern, num_scan_orders,
+            hidden_size, num_layers, grid_size, scan_pattern, num_scan_orders, backward_dt_init,
             d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend,
         )  # fmt: skip
         self.final_layer = AdaLNHead(hidden_size, patch_size, out_channels)
@@ -108,6 +119,10 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
     def _validate_config(self) -> None:
         config = self.config
         validate_scan_config(config.scan_pattern, config.num_scan_orders)
+        if config.backward_dt_init not in BACKWARD_DT_INITS:
+            raise ValueError(
+                f"backward_dt_init must be one of {BACKWARD_DT_INITS}, got {config.backward_dt_init!r}"
+            )
         for name in ("sample_size", "patch_size", "in_channels", "out_channels", "num_layers", "hidden_size"):
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -40,9 +40,10 @@ class PatchEmbed(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Xavier-uniform on the flattened kernel (as a Linear layer would be), zero bias."""
+        """Xavier-uniform on the flattened kernel (as a Linear layer would be); the bias keeps PyTorch's
+        default, U(+-1/sqrt(in_channels * patch**2)), as in the published code."""
+        self.proj.reset_parameters()
         nn.init.xavier_uniform_(self.proj.weight.view(self.proj.weight.shape[0], -1))
-        nn.init.zeros_(self.proj.bias)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.proj(images).flatten(2).transpose(1, 2)

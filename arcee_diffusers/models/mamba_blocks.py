@@ -19,6 +19,8 @@ from .scan_orders import inverse_permutation, layer_scan_path, zigzag_paths
 
 # One direction's scan state (batch, d_inner, d_state), float32; a (forward, backward) pair for Vision Mamba.
 ScanState = Tensor | tuple[Tensor, Tensor]
+# Vision Mamba's backward dt_proj: "zero" bias (the published code's plain Linear) or "mamba" (the dt init).
+BACKWARD_DT_INITS = ("zero", "mamba")
 
 
 def inverse_softplus(x: Tensor) -> Tensor:
@@ -154,6 +156,11 @@ class BidirectionalMambaMixer(MambaMixer):
     """Vision Mamba's mixer: a forward scan over the row-major tokens and a backward scan over the flipped
     sequence, each with its own conv1d, x_proj, dt_proj, A and D, sharing in_proj and out_proj;
     ``out = out_proj(y_fwd + flip(y_bwd))``. The state is a ``(forward, backward)`` pair: two chains.
+
+    ``backward_dt_init="zero"`` (the published one): ``dt_proj_b`` is a plain Linear there, whose bias the
+    model-wide init zeroes, so every backward channel starts at ``softplus(0) = ln 2``; its weight keeps
+    PyTorch's default, U(+-dt_rank^-0.5), the same as the dt init's. ``"mamba"``: the forward branch's dt
+    init, ``softplus(bias)`` log-uniform in ``[dt_min, dt_max]``.
     """
 
     def __init__(
@@ -166,14 +173,20 @@ class BidirectionalMambaMixer(MambaMixer):
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
         scan_backend: str | None = None,
+        backward_dt_init: str = "zero",
     ):
+        if backward_dt_init not in BACKWARD_DT_INITS:
+            raise ValueError(f"backward_dt_init must be one of {BACKWARD_DT_INITS}, got {backward_dt_init!r}")
         super().__init__(
             d_model, d_state, d_conv, expand, dt_min, dt_max, dt_init_floor, scan_backend=scan_backend
         )
         self.conv1d_b, self.x_proj_b, self.dt_proj_b = self._make_ssm_layers(d_conv)
         self.A_b_log = nn.Parameter(self._s4d_real_log_a())
         self.D_b = nn.Parameter(torch.ones(self.d_inner))
-        self._init_dt_proj(self.dt_proj_b, dt_min, dt_max, dt_init_floor)
+        if backward_dt_init == "mamba":
+            self._init_dt_proj(self.dt_proj_b, dt_min, dt_max, dt_init_floor)
+        else:
+            nn.init.zeros_(self.dt_proj_b.bias)
 
     def forward(
         self,
@@ -251,14 +264,16 @@ def build_mamba_blocks(
     grid_size: int,
     scan_pattern: str,
     num_scan_orders: int,
+    backward_dt_init: str = "zero",
     **mixer_kwargs,
 ) -> nn.ModuleList:
-    """``num_layers`` adaLN Mamba blocks; zigzag block ``i`` scans path ``i mod num_scan_orders``."""
+    """``num_layers`` adaLN Mamba blocks; zigzag block ``i`` scans path ``i mod num_scan_orders``.
+    ``backward_dt_init`` is the bidirectional mixers' (see ``BidirectionalMambaMixer``)."""
     paths = zigzag_paths(grid_size) if scan_pattern == "zigzag" else None
     blocks = nn.ModuleList()
     for index in range(num_layers):
         if scan_pattern == "bidirectional":
-            mixer = BidirectionalMambaMixer(hidden_size, **mixer_kwargs)
+            mixer = BidirectionalMambaMixer(hidden_size, backward_dt_init=backward_dt_init, **mixer_kwargs)
         else:
             path = layer_scan_path(paths, index, num_scan_orders)
             mixer = MambaMixer(hidden_size, scan_path=path, **mixer_kwargs)

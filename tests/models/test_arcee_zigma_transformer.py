@@ -121,10 +121,24 @@ def test_published_initialisation():
         model.final_layer.linear,
     ):
         assert not module.weight.any() and not module.bias.any()
-    assert not model.time_embed.mlp[0].bias.any() and not model.patch_embed.proj.bias.any()
+    assert not model.time_embed.mlp[0].bias.any()
+    # the patch conv's bias keeps PyTorch's default U(+-1/sqrt(fan_in)), fan_in = 4 channels * 2 * 2
+    patch_bias = model.patch_embed.proj.bias
+    assert patch_bias.abs().max() <= 1 / math.sqrt(16) and patch_bias.std() > 0.05
     assert torch.equal(model.pos_embed[0], get_2d_sincos_pos_embed(32, 4, base=1000.0))
     # out_proj: kaiming-uniform(a=sqrt(5)) bound 1/sqrt(fan_in), divided by sqrt(depth)
     assert block.mixer.out_proj.weight.abs().max() <= 1 / math.sqrt(64) / math.sqrt(4)
+
+
+def test_vision_mamba_backward_dt_init():
+    # published: dt_proj_b is a plain Linear, its bias zeroed by the model-wide init -> softplus(0) = ln 2
+    mixer = tiny_model(scan_pattern="bidirectional").blocks[0].mixer
+    assert not mixer.dt_proj_b.bias.any() and mixer.dt_proj.bias.std() > 0
+    assert mixer.dt_proj_b.weight.abs().max() <= 2**-0.5 and mixer.dt_proj_b.weight.std() > 0.1
+    # the option: the forward branch's dt init for the backward branch too
+    mixer = tiny_model(scan_pattern="bidirectional", backward_dt_init="mamba").blocks[0].mixer
+    dt = torch.nn.functional.softplus(mixer.dt_proj_b.bias)
+    assert dt.min() >= 1e-4 - 1e-9 and dt.max() <= 0.1 + 1e-6 and dt.std() > 0
 
 
 def test_sincos_pos_embed_base_1000_layout():
@@ -402,6 +416,7 @@ def test_torch_compile_with_the_scan_as_an_opaque_op():
         ({"class_dropout_prob": 0.1}, "class_dropout_prob"),
         ({"class_dropout_prob": 1.0, "num_classes": 3}, "class_dropout_prob"),
         ({"hidden_size": 30}, "hidden_size"),
+        ({"scan_pattern": "bidirectional", "backward_dt_init": "uniform"}, "backward_dt_init"),
     ],
 )
 def test_bad_config_raises_value_error_naming_the_argument(overrides, argument):
