@@ -12,7 +12,6 @@ real folder's features are cached under a hash of its contents. The default samp
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from arcee_diffusers.evaluation import compute_fid_kid, describe_solver, generate_samples, mean_model_calls
+from arcee_diffusers.evaluation.fid import load_feature_extractor
 from arcee_diffusers.pipelines.pipeline_arcee_zigma import ArceeZigmaPipeline
 
 
@@ -45,13 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_extractor(spec: str):
-    module_name, _, function = spec.partition(":")
-    if not function:
-        raise ValueError(f'feature_extractor must look like "module:function", got {spec!r}')
-    return getattr(importlib.import_module(module_name), function)()
-
-
 def main(args: argparse.Namespace) -> dict:
     pipeline = ArceeZigmaPipeline.from_pretrained(args.pipeline, variant=args.variant).to(args.device)
     pipeline.set_progress_bar_config(disable=True)
@@ -61,7 +54,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     extractor, name = None, "inception_v3"
     if args.feature_extractor:
-        extractor, name = load_extractor(args.feature_extractor), args.feature_extractor
+        extractor, name = load_feature_extractor(args.feature_extractor), args.feature_extractor
     metrics = compute_fid_kid(samples, args.reference_dir, extractor, name, args.cache_dir, args.device)
     settings = ("variant", "num_samples", "seed", "guidance_scale")
     metrics.update(

@@ -10,6 +10,7 @@ mapping a float batch ``(B, 3, 299, 299)`` in [0, 255] to ``(B, D)`` features) a
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +93,14 @@ def reference_features(
     np.save(tmp, feats)
     os.replace(tmp, path)
     return feats
+
+
+def load_feature_extractor(spec: str) -> Callable:
+    """``"module:function"``: import ``module`` and call ``function()``, which returns the extractor."""
+    module_name, _, function = spec.partition(":")
+    if not function:
+        raise ValueError(f'feature_extractor must look like "module:function", got {spec!r}')
+    return getattr(importlib.import_module(module_name), function)()
 
 
 def fid_kid_from_features(gen_feats: np.ndarray, real_feats: np.ndarray) -> dict[str, float]:

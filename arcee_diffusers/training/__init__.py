@@ -1,4 +1,5 @@
-"""Training helpers for ``train_scripts/train_fm.py``: data, latent caching, the loss, checkpoints."""
+"""Training for ``train_scripts/train_fm.py``: its command line (``cli``), the run itself (``trainer``), data,
+latent caching, the loss, the EMA, checkpoints."""
 
 from .checkpointing import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import collate, image_transform, load_digits_dataset, load_train_dataset, with_image_transform

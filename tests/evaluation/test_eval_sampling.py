@@ -119,7 +119,7 @@ def test_eval_fid_script_offline(pipeline, tmp_path):
     assert metrics["nfe"] == 2.0 and metrics["solver"] == "FlowMatchGVPScheduler euler, 2 steps"
     assert len(list((tmp_path / "gen").glob("*.png"))) == 10
     with pytest.raises(ValueError, match="module:function"):
-        eval_fid.load_extractor("no_colon")
+        eval_fid.load_feature_extractor("no_colon")
 
 
 def test_image_grid_has_a_gutter_between_tiles(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,21 @@ def test_image_transform_range_and_shape(image_folder):
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
     grey = Image.open(next(image_folder.rglob("*.png"))).convert("L")
     assert transform(grey).shape == (1, 4, 4)
+
+
+def test_unconditional_digits_run_evaluates_at_guidance_1(run_training, tmp_path):
+    out = tmp_path / "out"
+    run_training(out, "--no-class_conditional", "--max_train_steps", "2", "--final_eval", "digits")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["guidance_scale"] == 1.0 and metrics["guidance_1/num_samples"] == 901  # real half B
+    assert not any(key.startswith("guidance_3") for key in metrics)
+
+
+def test_guidance_without_labels_fails_while_parsing(train_fm, tmp_path, capsys):
+    # before any training: the flags alone decide it
+    with pytest.raises(SystemExit):
+        train_fm.parse_args(
+            ["--output_dir", str(tmp_path), "--no-class_conditional", "--guidance_scale", "3"]
+        )
+    assert "--guidance_scale > 1 needs --class_conditional" in capsys.readouterr().err
+    assert train_fm.parse_args(["--output_dir", str(tmp_path)]).guidance_scale == 3.0  # the digits demo

@@ -1,0 +1,448 @@
+"""One flow-matching training run under 🤗 Accelerate: what ``train_scripts/train_fm.py`` does, as functions.
+
+    accelerator = make_accelerator(args)                  # args from ``cli.parse_args``
+    data = build_train_dataset(args, accelerator)         # pixels or cached VAE latents
+    model = build_model(args, data.channels, data.sample_size, data.num_classes)
+    model, ema = train(args, accelerator, data, model)    # checkpoints, resume, sample grids, evals
+    if accelerator.is_main_process:
+        save_final_pipeline(args, accelerator, model, ema, data.vae)
+        finish(args, accelerator, start_time)             # reload, samples.png, metrics.json, push
+
+The Table 2 grid (``arcee_diffusers.experiments``) runs the same steps for each of its cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..evaluation import digits, fid, sampling
+from ..models import ArceeZigmaTransformer, preset_config
+from ..pipelines.pipeline_arcee_zigma import ArceeZigmaPipeline
+from ..schedulers.flow_paths import get_flow_path
+from ..schedulers.scheduling_gvp_flow import FlowMatchGVPScheduler
+from . import checkpointing, data, flow_matching, latents
+from .ema import create_ema
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class TrainData:
+    """The dataset to train on and what the model needs to know about it."""
+
+    dataset: torch.utils.data.Dataset
+    channels: int
+    sample_size: int
+    num_classes: int | None
+    vae: torch.nn.Module | None = None
+
+
+@dataclass
+class TrainStep:
+    """What ``train``'s ``on_step`` callback sees after each optimiser update (the tensors are the last
+    micro-batch's with gradient accumulation)."""
+
+    step: int
+    logs: dict[str, float]
+    x1: Tensor
+    noise: Tensor
+    t: Tensor
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The run's ``Accelerator`` (seedable sampler on ``args.seed``), its output folder, the global seed."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(args.seed, device_specific=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def build_model(
+    args: argparse.Namespace, in_channels: int, sample_size: int, num_classes: int | None
+) -> ArceeZigmaTransformer:
+    """The transformer of ``--preset`` (or ``--model_config``) with the flags' overrides, sized to the
+    data."""
+    overrides = {
+        key: getattr(args, key)
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "patch_size",
+            "d_state",
+            "scan_pattern",
+            "num_scan_orders",
+            "state_chain",
+        )
+        if getattr(args, key) is not None
+    }
+    labels = {
+        "num_classes": num_classes,
+        "class_dropout_prob": args.class_dropout_prob if num_classes else 0.0,
+    }
+    shape = {"sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels}
+    if args.model_config is not None:
+        config = {**ArceeZigmaTransformer.load_config(args.model_config), **overrides, **shape, **labels}
+    else:
+        config = preset_config(args.preset, **overrides, **shape, **labels)
+    if sample_size % config["patch_size"] != 0:
+        raise ValueError(
+            f"resolution: the model input is {sample_size}x{sample_size}, "
+            f"not divisible by patch_size {config['patch_size']}"
+        )
+    return ArceeZigmaTransformer.from_config(config)
+
+
+def build_train_dataset(args: argparse.Namespace, accelerator: Accelerator) -> TrainData:
+    """The torch dataset to train on, the model input's channels and size, and the number of classes."""
+    dataset = data.load_train_dataset(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir
+    )
+    label_column = args.label_column if args.class_conditional else None
+    data.check_columns(dataset, args.image_column, label_column)
+    num_classes = data.num_classes_of(dataset, label_column) if label_column else None
+    mode = data.image_mode_of(dataset, args.image_column)
+    if args.vae is None:
+        transform = data.image_transform(args.resolution, args.center_crop)
+        dataset = data.with_image_transform(dataset, transform, args.image_column, label_column, mode)
+        return TrainData(dataset, len(mode), args.resolution, num_classes)
+
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
+    # encoded once, so a random crop would be frozen: latents always use a center crop; flips are handled
+    # by caching both views
+    transform = data.image_transform(args.resolution, center_crop=True)
+    images = data.with_image_transform(dataset, transform, args.image_column, label_column, "RGB")
+    key = latents.latent_cache_key(
+        dataset._fingerprint,
+        vae.config,
+        resolution=args.resolution,
+        random_flip=args.random_flip,
+        labels=label_column,
+    )
+    cache_dir = Path(args.latent_cache_dir or Path(args.output_dir) / "latent_cache")
+    with accelerator.main_process_first():
+        cache = latents.load_or_encode(
+            cache_dir / f"{key}.safetensors",
+            lambda: latents.encode_dataset(
+                vae.to(accelerator.device), images, args.vae_batch_size, args.random_flip, accelerator.device
+            ),
+        )
+    _, channels, size, _ = cache["mean"][:, 0].shape
+    return TrainData(latents.CachedLatentDataset(cache), channels, size, num_classes, vae.cpu())
+
+
+def train(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    train_data: TrainData,
+    model: ArceeZigmaTransformer,
+    on_step: Callable[[TrainStep], None] | None = None,
+) -> tuple[torch.nn.Module, EMAModel | None]:
+    """Train ``model`` for ``args.max_train_steps`` updates (resuming from ``--resume_from_checkpoint``),
+    with checkpoints, sample grids and evaluations on the way; returns the prepared model and its EMA."""
+    output_dir = Path(args.output_dir)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    ema = None
+    if args.use_ema:
+        ema = create_ema(
+            model.parameters(),
+            args.ema_decay,
+            args.ema_schedule,
+            model_cls=ArceeZigmaTransformer,
+            model_config=model.config,
+        )
+        ema.to(accelerator.device)
+    checkpointing.register_model_hooks(accelerator, ArceeZigmaTransformer, ema)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    # the loader's own generator keeps iterator creation from drawing on the global RNG, whose checkpointed
+    # state must be the only source of the noise, times, flips and label dropout for resuming to be exact
+    train_dataloader = torch.utils.data.DataLoader(
+        train_data.dataset,
+        generator=torch.Generator().manual_seed(args.seed),
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=data.collate,
+        num_workers=args.dataloader_num_workers,
+        drop_last=args.dataloader_drop_last,
+    )
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"train_batch_size: the dataset has {len(train_data.dataset)} examples, fewer than one batch of "
+            f"{args.train_batch_size} with --dataloader_drop_last"
+        )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
+
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_fm", config={k: v for k, v in vars(args).items() if v is not None})
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{len(train_data.dataset)} examples, {num_epochs} epochs, total batch {total_batch}, "
+        f"{args.max_train_steps} steps, {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
+
+    # Common random numbers: whatever the model's initialisation drew, training draws its noise, times and
+    # flips from the seed alone, so two models trained with one seed see the very same draws.
+    set_seed(args.seed, device_specific=True)
+    global_step = 0
+    resume_path = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if resume_path is not None:
+        logger.info(f"Resuming from {resume_path}")
+        global_step = checkpointing.load_checkpoint(accelerator, resume_path)
+    elif args.resume_from_checkpoint is not None:
+        logger.info("No checkpoint found: starting a new run")
+    first_epoch = global_step // updates_per_epoch
+    batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    path = get_flow_path(args.path)
+    progress = tqdm(
+        range(args.max_train_steps),
+        initial=global_step,
+        desc="steps",
+        leave=False,
+        disable=not accelerator.is_local_main_process,
+    )
+    for epoch in range(first_epoch, num_epochs):
+        model.train()
+        # the seedable sampler shuffles as a function of (seed, epoch): skipping batches restores the position
+        train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == first_epoch and batches_to_skip:
+            loader = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+            loader.set_epoch(epoch)
+        for batch in loader:
+            x1 = model_input(batch, args.random_flip, train_data.vae)
+            with accelerator.accumulate(model):
+                t = flow_matching.sample_flow_times(
+                    x1.shape[0],
+                    args.weighting_scheme,
+                    args.logit_mean,
+                    args.logit_std,
+                    args.mode_scale,
+                    x1.device,
+                )
+                noise = torch.randn_like(x1)
+                loss = flow_matching.flow_matching_loss(
+                    model, x1, t, path, batch.get("class_labels"), noise=noise
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+
+            if ema is not None:
+                ema.step(model.parameters())
+            global_step += 1
+            progress.update(1)
+            logs = {
+                "loss": loss.detach().item(),
+                "grad_norm": float(grad_norm),
+                "lr": lr_scheduler.get_last_lr()[0],
+            }
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=global_step)
+            if on_step is not None:
+                on_step(TrainStep(global_step, logs, x1, noise, t))
+
+            if global_step % args.checkpointing_steps == 0:
+                checkpointing.save_checkpoint(
+                    accelerator, output_dir, global_step, args.checkpoints_total_limit
+                )
+            validate = args.validation_steps and global_step % args.validation_steps == 0
+            evaluate = args.eval_steps and global_step % args.eval_steps == 0
+            if (validate or evaluate) and accelerator.is_main_process:
+                model.eval()
+                with ema_weights(model, ema, accelerator):
+                    pipeline = build_pipeline(args, accelerator, model, train_data.vae)
+                    pipeline.set_progress_bar_config(disable=True)
+                    if validate:
+                        log_sample_grid(
+                            args,
+                            pipeline,
+                            accelerator,
+                            global_step,
+                            output_dir / "samples" / f"step-{global_step}.png",
+                        )
+                    if evaluate:
+                        metrics = run_evaluation(args, pipeline, output_dir / f"eval-{global_step}")
+                        accelerator.log(
+                            {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
+                            step=global_step,
+                        )
+                model.train()
+            if global_step >= args.max_train_steps:
+                break
+    progress.close()
+    accelerator.wait_for_everyone()
+    return model, ema
+
+
+def model_input(batch: dict, random_flip: bool, vae) -> Tensor:
+    """The clean sample ``x1``: a latent drawn from the cached posteriors, or the (maybe flipped) pixels."""
+    if "latent_mean" in batch:
+        return latents.sample_latents(
+            batch["latent_mean"], batch["latent_std"], vae.config.scaling_factor, vae.config.shift_factor
+        )
+    pixels = batch["pixel_values"]
+    return data.random_hflip(pixels) if random_flip else pixels
+
+
+@contextlib.contextmanager
+def ema_weights(model: torch.nn.Module, ema: EMAModel | None, accelerator: Accelerator):
+    """Temporarily swap the EMA weights into ``model`` (no-op without EMA)."""
+    params = list(accelerator.unwrap_model(model).parameters())
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def build_pipeline(args, accelerator: Accelerator, model, vae) -> ArceeZigmaPipeline:
+    scheduler = FlowMatchGVPScheduler(path=args.path)
+    transformer = accelerator.unwrap_model(model)
+    return ArceeZigmaPipeline(transformer=transformer, scheduler=scheduler, vae=vae).to(accelerator.device)
+
+
+def log_sample_grid(
+    args, pipeline: ArceeZigmaPipeline, accelerator: Accelerator, step: int, path: Path
+) -> None:
+    """A grid of 8 samples per class (or 64 unconditional samples), saved as PNG and sent to the trackers."""
+    num_classes = pipeline.transformer.config.num_classes
+    count = 8 * num_classes if num_classes else 64
+    images, _, _ = sampling.sample_images(
+        pipeline,
+        range(count),
+        args.seed,
+        args.guidance_scale if num_classes else 1.0,
+        args.num_inference_steps,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # column j holds class j: index i has label i % num_classes
+    sampling.save_image_grid(images, path, num_columns=num_classes or 8, scale=max(1, 64 // images.shape[1]))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": images}, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"samples": [wandb.Image(image) for image in images]}, step=step)
+
+
+def run_evaluation(args, pipeline: ArceeZigmaPipeline, sample_dir: Path) -> dict:
+    """``--final_eval``: the digit metrics, or clean-fid FID/KID of ``--fid_num_samples`` samples."""
+    if args.final_eval == "digits":
+        return digits.evaluate_digits_pipeline(
+            pipeline,
+            args.guidance_scale,
+            num_samples=args.num_eval_samples,
+            seed=args.seed,
+            num_inference_steps=args.num_inference_steps,
+        )
+    if args.final_eval == "fid":
+        samples = sampling.generate_samples(
+            pipeline, sample_dir, args.fid_num_samples, args.seed, args.guidance_scale
+        )
+        extractor, extractor_name = None, "inception_v3"
+        if args.fid_feature_extractor:
+            extractor = fid.load_feature_extractor(args.fid_feature_extractor)
+            extractor_name = args.fid_feature_extractor
+        metrics = fid.compute_fid_kid(
+            samples, args.fid_reference_dir, extractor, extractor_name, device=pipeline.device
+        )
+        metrics.update(
+            solver=sampling.describe_solver(pipeline, None),
+            nfe=sampling.mean_model_calls(sample_dir, args.fid_num_samples),
+        )
+        return metrics
+    return {}
+
+
+def save_final_pipeline(args, accelerator: Accelerator, model, ema: EMAModel | None, vae) -> None:
+    """EMA weights as the pipeline's transformer; the raw weights as the ``raw`` variant next to them."""
+    output_dir = Path(args.output_dir)
+    transformer = accelerator.unwrap_model(model)
+    with ema_weights(model, ema, accelerator):
+        build_pipeline(args, accelerator, model, vae).save_pretrained(output_dir)
+    if ema is not None:
+        transformer.save_pretrained(output_dir / "transformer", variant="raw")
+
+
+def finish(args, accelerator: Accelerator, start_time: float) -> dict:
+    """Reload the saved folder the way a user would, then write samples.png, metrics.json and push; returns
+    the metrics (``seconds_since_start`` counts from ``start_time``, a ``time.perf_counter()`` value)."""
+    output_dir = Path(args.output_dir)
+    pipeline = ArceeZigmaPipeline.from_pretrained(output_dir).to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    log_sample_grid(args, pipeline, accelerator, args.max_train_steps, output_dir / "samples.png")
+    metrics = run_evaluation(args, pipeline, output_dir / "fid_samples")
+    if metrics:
+        metrics.update(
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.num_inference_steps,
+            train_steps=args.max_train_steps,
+            seconds_since_start=round(time.perf_counter() - start_time, 1),
+        )
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        logger.info(f"metrics: {json.dumps(metrics)}")
+        accelerator.log(
+            {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=args.max_train_steps
+        )
+    if args.push_to_hub:
+        pipeline.push_to_hub(args.hub_model_id, eval_results=metrics, training_info=vars(args))
+    return metrics
