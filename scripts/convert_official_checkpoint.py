@@ -1,0 +1,62 @@
+"""Convert a checkpoint of the published Arcee code (``content.pth`` or ``epoch*_step*.pt`` of its train.py)
+into a pipeline folder that ``ArceeZigmaPipeline.from_pretrained`` loads.
+
+    python scripts/convert_official_checkpoint.py --checkpoint content.pth --model Arcee-B/2 \\
+        --scan_type Arcee_4 --output_dir arcee4-celebahq
+
+The EMA weights become the transformer and the raw weights its ``raw`` variant; the scheduler is the paper's
+dopri5 sampler. The configuration is read from the tensors; see docs/model.md for the scan-type table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from arcee_diffusers.conversion import PUBLISHED_SCAN_TYPES, SD_VAE, convert_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, help="The published content.pth / epoch*_step*.pt.")
+    parser.add_argument(
+        "--scan_type",
+        required=True,
+        help=f"The published --scan-type it was trained with: one of {', '.join(PUBLISHED_SCAN_TYPES)}.",
+    )
+    parser.add_argument(
+        "--model", help="The published --model, e.g. Arcee-B/2, checked against the tensors (optional)."
+    )
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--vae",
+        default=SD_VAE,
+        help=f'AutoencoderKL folder or repo id to include (default {SD_VAE}); "none" for no VAE.',
+    )
+    parser.add_argument(
+        "--path", choices=["gvp", "linear"], help="Flow path (default: the checkpoint's, else gvp)."
+    )
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    vae = None if args.vae.lower() == "none" else args.vae
+    pipeline = convert_checkpoint(
+        args.checkpoint, args.output_dir, args.scan_type, args.model, vae, args.path
+    )
+    config = pipeline.transformer.config
+    print(
+        f"wrote {args.output_dir}: {config.num_layers} layers, width {config.hidden_size}, patch "
+        f"{config.patch_size}, d_state {config.d_state}, {config.scan_pattern} x{config.num_scan_orders}, "
+        f"state chain {'on' if config.state_chain else 'off'}"
+    )
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"convert_official_checkpoint.py: error: {' '.join(str(err).split())}")
