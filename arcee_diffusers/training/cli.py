@@ -167,12 +167,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def recipe_defaults(args: argparse.Namespace) -> dict:
+    """The digits recipe without ``--dataset_name`` and ``--train_data_dir``, else the paper's."""
+    return DIGITS_DEFAULTS if args.dataset_name is None and args.train_data_dir is None else GENERAL_DEFAULTS
+
+
 def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Fill unset options from the recipe (digits without a dataset, else the paper's) and check them."""
-    defaults = (
-        DIGITS_DEFAULTS if args.dataset_name is None and args.train_data_dir is None else GENERAL_DEFAULTS
-    )
-    for key, value in defaults.items():
+    for key, value in recipe_defaults(args).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.final_eval == "fid" and args.fid_reference_dir is None:
