@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from arcee_scan import resolve_backend
 
 from ..evaluation import spatial
 from ..models import ArceeZigmaTransformer
@@ -151,6 +154,9 @@ def run_cell(args: argparse.Namespace) -> dict:
         **training_summary(folder),
         "metrics": headline_metrics(metrics),
         "first_batch_sha256": json.loads((folder / FIRST_BATCH_FILE).read_text()),
+        "scan_backend": resolve_backend(
+            transformer.config.scan_backend, torch.empty(0, device=accelerator.device)
+        ),
         "threads": torch.get_num_threads(),
         "cell_seconds_this_run": round(time.perf_counter() - start, 1),
     }
@@ -172,11 +178,13 @@ def measure(transformer: ArceeZigmaTransformer, heldout: torch.Tensor, args: arg
     influence map of the middle token of path 0."""
     path = get_flow_path(args.path)
     triples = spatial.heldout_triples(heldout, args.heldout_draws, seed=HELDOUT_SEED)
-    per_row = spatial.per_row_denoising_loss(transformer, triples, path)
-    chain_cut = None
+    row_loss = functools.partial(
+        spatial.per_row_denoising_loss, transformer, triples, path, args.eval_batch_size
+    )
+    per_row, chain_cut = row_loss(), None
     if transformer.config.state_chain:
         with spatial.state_chain_set(transformer, False):
-            chain_cut = spatial.per_row_denoising_loss(transformer, triples, path).tolist()
+            chain_cut = row_loss().tolist()
 
     grid = transformer.config.sample_size // transformer.config.patch_size
     token, _ = spatial.middle_token_of_path(grid)

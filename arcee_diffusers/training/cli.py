@@ -155,6 +155,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="digits: accuracy and Fréchet distance from the digit classifier; fid: eval_fid.",
     )
     group.add_argument("--num_eval_samples", type=int, help="Digits: samples per guidance (default 901).")
+    group.add_argument(
+        "--eval_batch_size",
+        type=int,
+        default=64,
+        help="Samples per model call in sample grids and evaluations (on CPU small batches are faster).",
+    )
     group.add_argument("--fid_reference_dir", help="Real images for --final_eval fid / --eval_steps.")
     group.add_argument("--fid_num_samples", type=int, default=5000)
     group.add_argument(

@@ -371,6 +371,7 @@ def log_sample_grid(
         args.seed,
         args.guidance_scale if num_classes else 1.0,
         args.num_inference_steps,
+        args.eval_batch_size,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     # column j holds class j: index i has label i % num_classes
@@ -393,10 +394,16 @@ def run_evaluation(args, pipeline: ArceeZigmaPipeline, sample_dir: Path) -> dict
             num_samples=args.num_eval_samples,
             seed=args.seed,
             num_inference_steps=args.num_inference_steps,
+            batch_size=args.eval_batch_size,
         )
     if args.final_eval == "fid":
         samples = sampling.generate_samples(
-            pipeline, sample_dir, args.fid_num_samples, args.seed, args.guidance_scale
+            pipeline,
+            sample_dir,
+            args.fid_num_samples,
+            args.seed,
+            args.guidance_scale,
+            batch_size=args.eval_batch_size,
         )
         extractor, extractor_name = None, "inception_v3"
         if args.fid_feature_extractor:
