@@ -15,13 +15,16 @@ from __future__ import annotations
 import logging
 import sys
 
-from arcee_diffusers.experiments import parse_grid_args, run_grid
+from diffusers.utils import logging as diffusers_logging
+
+from arcee_diffusers.experiments import CellsFailed, parse_grid_args, run_grid
 
 if __name__ == "__main__":
     try:
         arguments = parse_grid_args(description=__doc__)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+        diffusers_logging.disable_progress_bar()  # the bars over cells and steps are the ones to watch
         run_grid(arguments)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, CellsFailed) as err:
         # expected user errors: one readable line and a non-zero exit, not a traceback
         sys.exit(f"reproduce_table2.py: error: {' '.join(str(err).split())}")

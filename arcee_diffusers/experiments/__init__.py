@@ -4,6 +4,6 @@
 Run it with ``python train_scripts/reproduce_table2.py`` (see docs/reproduction.md).
 """
 
-from .table2 import PAIRS, PAPER_FID_KID, ROWS, parse_grid_args, row_settings, run_grid
+from .table2 import PAIRS, PAPER_FID_KID, ROWS, CellsFailed, parse_grid_args, row_settings, run_grid
 
-__all__ = ["PAIRS", "PAPER_FID_KID", "ROWS", "parse_grid_args", "row_settings", "run_grid"]
+__all__ = ["PAIRS", "PAPER_FID_KID", "ROWS", "CellsFailed", "parse_grid_args", "row_settings", "run_grid"]

@@ -59,6 +59,10 @@ RUN_OPTIONS = (
 GRID_FILE = "grid.json"
 
 
+class CellsFailed(RuntimeError):
+    """Some cells run by ``--jobs`` exited with an error (each named, with its log)."""
+
+
 def row_settings(row: str) -> dict:
     """What distinguishes ``row``: its scan pattern, number of zigzag paths and state chain."""
     if row not in ROWS:
@@ -209,7 +213,7 @@ def run_grid(args: argparse.Namespace) -> dict:
     progress.close()
     results = report.write_report(output_dir, configuration(args))
     if failures:
-        raise RuntimeError("; ".join(failures) + " (rerun the same command to resume)")
+        raise CellsFailed("; ".join(failures) + " (rerun the same command to resume)")
     return results
 
 
@@ -218,24 +222,30 @@ def run_in_processes(args: argparse.Namespace, todo: list[tuple[str, int]], prog
     one thread and its output in ``<cell>/log.txt``; a bar per running cell follows its training log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     pending, running, failures = list(todo), {}, []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            row, seed = pending.pop(0)
-            folder = cell.write_cell_args(cell_args(args, row, seed))
-            command = [sys.executable, "-m", cell.__name__, str(folder)]
-            with open(folder / "log.txt", "ab") as log:
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-            bar = tqdm(total=args.max_train_steps, desc=f"{row} seed {seed}", leave=False)
-            running[process] = (row, seed, folder, bar)
-        time.sleep(1)
-        for process, (row, seed, folder, bar) in list(running.items()):
-            bar.update(cell.steps_done(folder) - bar.n)
-            if process.poll() is None:
-                continue
-            bar.close()
-            del running[process]
-            if process.returncode != 0:
-                log = folder / "log.txt"
-                failures.append(f"cell {row} seed {seed} failed (exit {process.returncode}; see {log})")
-            progress.update(1)
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                row, seed = pending.pop(0)
+                folder = cell.write_cell_args(cell_args(args, row, seed))
+                command = [sys.executable, "-m", cell.__name__, str(folder)]
+                with open(folder / "log.txt", "ab") as log:
+                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                bar = tqdm(total=args.max_train_steps, desc=f"{row} seed {seed}", leave=False)
+                running[process] = (row, seed, folder, bar)
+            time.sleep(1)
+            for process, (row, seed, folder, bar) in list(running.items()):
+                bar.update(cell.steps_done(folder) - bar.n)
+                if process.poll() is None:
+                    continue
+                bar.close()
+                del running[process]
+                if process.returncode != 0:
+                    log = folder / "log.txt"
+                    failures.append(f"cell {row} seed {seed} failed (exit {process.returncode}; see {log})")
+                progress.update(1)
+    finally:
+        # interrupted: stop the cells too, so that a rerun never trains a cell twice at once
+        for process in running:
+            process.terminate()
+            process.wait()
     return failures

@@ -258,6 +258,9 @@ def train(
             loader = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
             loader.set_epoch(epoch)
         for batch in loader:
+            # checked before the step, so that resuming from the last checkpoint trains nothing more
+            if global_step >= args.max_train_steps:
+                break
             x1 = model_input(batch, args.random_flip, train_data.vae)
             with accelerator.accumulate(model):
                 t = flow_matching.sample_flow_times(
@@ -321,8 +324,6 @@ def train(
                             step=global_step,
                         )
                 model.train()
-            if global_step >= args.max_train_steps:
-                break
     progress.close()
     accelerator.wait_for_everyone()
     return model, ema

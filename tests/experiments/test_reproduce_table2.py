@@ -170,6 +170,20 @@ def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cell_killed_after_training_is_finished_without_more_steps(tmp_path, monkeypatch):
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while evaluating, after the last checkpoint
+
+    common = ["--rows", "arcee-1", "--seeds", "0", "--max_train_steps", "6"]
+    monkeypatch.setattr(trainer, "finish", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(tmp_path, *common)
+    monkeypatch.undo()
+    (result,) = run_grid(tmp_path, *common)["cells"]
+    assert result["train_steps"] == 6 and result["train_loss"]["step"] == [1, 2, 3, 4, 5, 6]
+    assert result["resumed_from_step"] == []  # nothing left to train: no step ran in the second process
+
+
 def parse(tmp_path, *extra):
     return table2.parse_grid_args(["--output_dir", str(tmp_path / "grid"), *extra])
 
