@@ -153,7 +153,7 @@ def rss_probe(shape_text: str, dtype_name: str, backend: str, mode: str) -> None
 
 
 def available_backends(device: str) -> list[str]:
-    backends = ["reference", "torch"]
+    backends = ["reference", "torch", "numba"]
     if device == "cuda":
         try:
             import arcee_scan.triton_scan  # noqa: F401
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, help="batch,dim,L,N ...")
-    parser.add_argument("--backends", nargs="+", default=None, choices=["reference", "torch", "triton"])
+    parser.add_argument("--backends", nargs="+", default=None, choices=["reference", "torch", "numba", "triton"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")

@@ -4,17 +4,19 @@ Backends
 --------
 ``"reference"``  the naive loop of :mod:`arcee_scan.reference` under autograd (the oracle; small shapes).
 ``"torch"``      :mod:`arcee_scan.torch_scan`, eager PyTorch with a checkpointed hand-written backward.
+``"numba"``      :mod:`arcee_scan.numba_scan`, compiled CPU kernels (numba JIT, cached on disk), CPU only.
 ``"triton"``     :mod:`arcee_scan.triton_scan`, Triton kernels (CUDA; CPU only under ``TRITON_INTERPRET=1``).
 
 ``backend=None`` reads the ``ARCEE_SCAN_BACKEND`` environment variable, else picks ``"triton"`` for CUDA
-tensors when Triton imports and ``"torch"`` otherwise.
+tensors when Triton imports (``"torch"`` when it does not, or for float64) and ``"numba"`` for CPU tensors
+when numba imports (``"torch"`` when it does not).
 
 Backend contract
 ----------------
-``torch_scan`` and ``triton_scan`` each expose ``scan_forward`` and ``scan_backward``; besides those, only
-``torch_scan.default_chunk_size`` is called (for ``chunk_size=None``). They receive B/C always grouped
-``(batch, G, N, L)`` with arbitrary strides, A/D/delta_bias as given, and ``initial_state`` float32 (float64
-when ``u`` is float64) or None, and return contiguous tensors::
+``torch_scan``, ``numba_scan`` and ``triton_scan`` each expose ``scan_forward`` and ``scan_backward``;
+besides those, only ``torch_scan.default_chunk_size`` is called (for ``chunk_size=None``). They receive B/C
+always grouped ``(batch, G, N, L)`` with arbitrary strides, A/D/delta_bias as given, and ``initial_state``
+float32 (float64 when ``u`` is float64) or None, and return contiguous tensors::
 
     scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
         -> out (b, d, L) in u's dtype after the z gate, h_T (b, d, N) fp32,
@@ -44,37 +46,49 @@ from .reference import biased_delta, compute_dtype, selective_scan_reference, so
 
 __all__ = ["BACKENDS", "DEFAULT_CHUNK_SIZE", "resolve_backend", "selective_scan"]
 
-BACKENDS = ("reference", "torch", "triton")
+BACKENDS = ("reference", "torch", "numba", "triton")
 BACKEND_ENV_VAR = "ARCEE_SCAN_BACKEND"
 DEFAULT_CHUNK_SIZE = 16
 
 
-_TRITON_AVAILABLE: bool | None = None  # decided on the first CUDA call, then a plain read (compile-friendly)
+# whether a backend module imports: decided on its first use, then a plain read (compile-friendly)
+_IMPORTABLE: dict[str, bool] = {}
+
+
+def _importable(backend: str) -> bool:
+    if backend not in _IMPORTABLE:
+        try:
+            _backend_module(backend)
+            _IMPORTABLE[backend] = True
+        except ImportError:
+            _IMPORTABLE[backend] = False
+    return _IMPORTABLE[backend]
 
 
 def _triton_available() -> bool:
-    global _TRITON_AVAILABLE
-    if _TRITON_AVAILABLE is None:
-        try:
-            importlib.import_module("arcee_scan.triton_scan")
-            _TRITON_AVAILABLE = True
-        except ImportError:
-            _TRITON_AVAILABLE = False
-    return _TRITON_AVAILABLE
+    return _importable("triton")
+
+
+def _numba_available() -> bool:
+    return _importable("numba")
 
 
 def resolve_backend(backend: str | None, u: Tensor) -> str:
-    """Explicit ``backend`` > ``$ARCEE_SCAN_BACKEND`` > triton for CUDA tensors (if importable) > torch."""
+    """Explicit ``backend`` > ``$ARCEE_SCAN_BACKEND`` > triton for CUDA tensors, numba for CPU tensors (each
+    if it imports) > torch."""
     if backend is None:
         backend = os.environ.get(BACKEND_ENV_VAR) or None
         source = f"${BACKEND_ENV_VAR}"
     else:
         source = "backend"
     if backend is None:
-        use_triton = u.is_cuda and u.dtype != torch.float64 and _triton_available()
-        return "triton" if use_triton else "torch"
+        if u.is_cuda:
+            return "triton" if u.dtype != torch.float64 and _triton_available() else "torch"
+        return "numba" if u.is_cpu and _numba_available() else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "numba" and not u.is_cpu:
+        raise ValueError(f"{source} 'numba' runs on CPU tensors only, got tensors on {u.device}")
     return backend
 
 

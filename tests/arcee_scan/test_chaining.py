@@ -25,7 +25,7 @@ def grads_of(loss: torch.Tensor, inputs: dict) -> dict:
     return dict(zip(names, torch.autograd.grad(loss, [inputs[name] for name in names])))
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "numba", "reference"])
 @pytest.mark.parametrize("split", [1, 13, 16])
 def test_split_sequence_equals_full_scan(backend, split):
     inputs = make_inputs(2, 12, 37, 6, 2, seed=3)
@@ -54,7 +54,8 @@ def three_link_chain(links: list[dict], h0: torch.Tensor, u: torch.Tensor, backe
     return u, state
 
 
-def test_depth_chain_gradients_of_every_link():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_depth_chain_gradients_of_every_link(backend):
     batch, dim, length, d_state = 2, 8, 11, 4
     link_names = ("delta", "A", "B", "C", "D", "z", "delta_bias")
     base = [make_inputs(batch, dim, length, d_state, 2, seed=seed) for seed in range(3)]
@@ -65,22 +66,23 @@ def test_depth_chain_gradients_of_every_link():
     dh = torch.randn(batch, dim, d_state, generator=gen)
 
     results = {}
-    for backend in ("torch", "reference"):
+    for scan_backend in (backend, "reference"):
         links = [{name: inputs[name] for name in link_names} | {"delta_softplus": True} for inputs in base]
-        y, h_T = three_link_chain(links, h0, u, backend)
+        y, h_T = three_link_chain(links, h0, u, scan_backend)
         leaves = [h0, u] + [link[name] for link in links for name in link_names]
         grads = torch.autograd.grad((y * dy).sum() + (h_T * dh).sum(), leaves)
-        results[backend] = {"y": y, "h_T": h_T} | {f"grad{i}": g for i, g in enumerate(grads)}
+        results[scan_backend] = {"y": y, "h_T": h_T} | {f"grad{i}": g for i, g in enumerate(grads)}
 
     # the published kernel test's fp32 tolerances are 6e-4 / 2e-3 (dh0 1e-3 / 2e-3); ours are far tighter
-    assert_all_close(results["torch"], results["reference"], 1e-4, 1e-5)
+    assert_all_close(results[backend], results["reference"], 1e-4, 1e-5)
 
 
-def test_depth_chain_initial_state_gradient_of_each_link():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_depth_chain_initial_state_gradient_of_each_link(backend):
     # what each link's backward returns for its initial_state: an identity node used by that link only
     base = [make_inputs(1, 6, 9, 3, seed=seed) for seed in range(3)]
     link_grads = {}
-    for backend in ("torch", "reference"):
+    for scan_backend in (backend, "reference"):
         state = base[0]["initial_state"].detach().clone().requires_grad_()
         u, link_inputs = base[0]["u"].detach(), []
         for inputs in base:
@@ -89,10 +91,10 @@ def test_depth_chain_initial_state_gradient_of_each_link():
             state_in.retain_grad()
             link_inputs.append(state_in)
             u, state = selective_scan(
-                u=u, initial_state=state_in, **link, delta_softplus=True, backend=backend, chunk_size=4
+                u=u, initial_state=state_in, **link, delta_softplus=True, backend=scan_backend, chunk_size=4
             )
         (u.square().sum() + state.sum()).backward()
-        link_grads[backend] = [s.grad for s in link_inputs]
-    for got, want in zip(link_grads["torch"], link_grads["reference"]):
+        link_grads[scan_backend] = [s.grad for s in link_inputs]
+    for got, want in zip(link_grads[backend], link_grads["reference"]):
         assert got.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ import arcee_scan
 from arcee_scan import interface, resolve_backend, selective_scan
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "numba", "reference"])
 def test_gradcheck_float64(backend):
     inputs = make_inputs(2, 4, 7, 3, 2, dtype=torch.float64)
     names = [name for name in INPUT_NAMES if inputs[name] is not None]
@@ -24,14 +24,15 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(scan, [inputs[name] for name in names])
 
 
-def test_gradcheck_float64_without_options():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_gradcheck_float64_without_options(backend):
     inputs = make_inputs(
         1, 3, 5, 2, dtype=torch.float64, D=False, z=False, delta_bias=False, delta_softplus=False
     )
     names = ["u", "delta", "A", "B", "C", "initial_state"]
 
     def scan(*tensors):
-        return selective_scan(**dict(zip(names, tensors)), backend="torch", chunk_size=2)
+        return selective_scan(**dict(zip(names, tensors)), backend=backend, chunk_size=2)
 
     assert torch.autograd.gradcheck(scan, [inputs[name] for name in names])
 
@@ -77,27 +78,47 @@ def test_default_knobs_match_reference():
 # --- dispatch ------------------------------------------------------------------------------------------
 
 
-def fake_tensor(is_cuda: bool, dtype: torch.dtype = torch.float32):
-    return types.SimpleNamespace(is_cuda=is_cuda, dtype=dtype)
+def fake_tensor(device: str, dtype: torch.dtype = torch.float32):
+    return types.SimpleNamespace(
+        is_cuda=device == "cuda", is_cpu=device == "cpu", device=torch.device(device), dtype=dtype
+    )
 
 
 def test_dispatch_defaults(monkeypatch):
     monkeypatch.delenv("ARCEE_SCAN_BACKEND", raising=False)
     monkeypatch.setattr(interface, "_triton_available", lambda: True)
-    assert resolve_backend(None, fake_tensor(False)) == "torch"
-    assert resolve_backend(None, fake_tensor(True)) == "triton"
-    assert resolve_backend(None, fake_tensor(True, torch.float64)) == "torch"
+    monkeypatch.setattr(interface, "_numba_available", lambda: True)
+    assert resolve_backend(None, fake_tensor("cpu")) == "numba"
+    assert resolve_backend(None, fake_tensor("cpu", torch.float64)) == "numba"
+    assert resolve_backend(None, fake_tensor("cuda")) == "triton"
+    assert resolve_backend(None, fake_tensor("cuda", torch.float64)) == "torch"
+    assert resolve_backend(None, fake_tensor("mps")) == "torch"  # numba runs CPU tensors only
     monkeypatch.setattr(interface, "_triton_available", lambda: False)
-    assert resolve_backend(None, fake_tensor(True)) == "torch"
+    monkeypatch.setattr(interface, "_numba_available", lambda: False)
+    assert resolve_backend(None, fake_tensor("cuda")) == "torch"
+    assert resolve_backend(None, fake_tensor("cpu")) == "torch"
+
+
+def test_numba_is_the_default_on_cpu_here():
+    # numba is a dependency, so on this machine it must import: a broken install is a failure, not a skip
+    assert interface._numba_available()
+    assert resolve_backend(None, make_inputs(1, 2, 3, 2)["u"]) == "numba"
+
+
+def test_numba_refuses_non_cpu_tensors():
+    with pytest.raises(ValueError, match="'numba' runs on CPU tensors only"):
+        resolve_backend("numba", fake_tensor("cuda"))
 
 
 def test_dispatch_env_override_and_explicit_backend(monkeypatch):
     monkeypatch.setenv("ARCEE_SCAN_BACKEND", "reference")
-    assert resolve_backend(None, fake_tensor(False)) == "reference"
-    assert resolve_backend("torch", fake_tensor(False)) == "torch"
+    assert resolve_backend(None, fake_tensor("cpu")) == "reference"
+    assert resolve_backend("torch", fake_tensor("cpu")) == "torch"
+    monkeypatch.setenv("ARCEE_SCAN_BACKEND", "torch")
+    assert resolve_backend("numba", fake_tensor("cpu")) == "numba"
     monkeypatch.setenv("ARCEE_SCAN_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="ARCEE_SCAN_BACKEND"):
-        resolve_backend(None, fake_tensor(False))
+        resolve_backend(None, fake_tensor("cpu"))
 
 
 def test_env_override_reaches_the_backend(monkeypatch):
@@ -171,10 +192,11 @@ def test_dynamo_explain_reports_no_graph_break():
     assert explanation.graph_count == 1
 
 
-def test_opcheck_custom_op():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_opcheck_custom_op(backend):
     inputs = make_inputs(2, 4, 5, 3, 2)
     args = [inputs[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    args += [True, inputs["initial_state"], 2, False, "torch"]
+    args += [True, inputs["initial_state"], 2, False, backend]
     torch.library.opcheck(torch.ops.arcee_scan.selective_scan_fwd.default, args)
 
 

@@ -1,0 +1,636 @@
+"""Compiled CPU backend: the selective scan as numba kernels (a JIT: nothing is built at install).
+
+One work item is a (sample, channel block) pair, run in parallel with ``prange``. Within an item each
+channel's state ``h`` (N values) lives in a small buffer and the time loop updates it tile by tile: the
+state axis is cut into tiles of ``LANES`` values, a compile-time constant, so the innermost loop has a
+fixed trip count and LLVM turns it into vector code for every N (with a runtime N it would vectorise only
+N >= 64, and N = 16 would run scalar). N is padded to a multiple of ``LANES`` inside the backend: the pad
+has A = 0 (decay 1) and B = C = 0, so its state stays 0 and contributes nothing.
+
+The forward keeps the state entering every chunk of ``chunk_size`` steps (the checkpoints, extra memory
+O(batch*dim*N*L/chunk)); the backward walks each channel's chunks in reverse, recomputes the chunk's states
+and decays from its checkpoint into a (chunk + 1, N) buffer and runs the adjoint recurrence
+``g_t = C_t dy_t + a_{t+1} g_{t+1}`` through them. dB and dC are sums over a group's channels: each work
+item adds its channels into a private (L, N) partial, and the partials are summed in a fixed order
+afterwards, so the backward has no races and is bitwise repeatable. The channel blocks depend only on the
+shape, never on the thread count, so neither do the results.
+
+``exp`` is a polynomial ``exp2`` on a bit-cast exponent (llvmlite ships no vector ``exp``; the scalar
+libm call is ~20x slower), and every work item sets flush-to-zero (products of decays underflow through the
+denormal range, ~10x slower on x86) and restores the thread's previous setting when it ends.
+
+Compiled code is cached on disk (see ``cache_dir``), under a key of the package's source files and the
+versions of the package, numba and llvmlite: a changed kernel source or a new release compiles afresh,
+never runs stale code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import math
+import os
+import platform
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import llvmlite
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+from torch import Tensor
+
+from .reference import SOFTPLUS_THRESHOLD, compute_dtype
+
+__all__ = ["cache_dir", "cache_key", "scan_backward", "scan_forward"]
+
+LANES = 16  # state values per tile: one AVX-512 register of fp32
+# unsigned tile indices: numba wraps negative signed indices around, and that select stops vectorisation
+_U0, _U1, _LANES_U = np.uint64(0), np.uint64(1), np.uint64(LANES)
+# float32 literals: a float64 one would promote float32 arithmetic to float64 (and float64 kernels stay so)
+_ONE = np.float32(1.0)
+MIN_WORK_ITEMS = 16  # channel blocks are cut until batch * blocks reaches this (parallel slack)
+CACHE_DIR_ENV_VAR = "ARCEE_SCAN_CACHE_DIR"
+LOG2_E = math.log2(math.e)
+FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # no nnan/ninf: inf and nan must propagate
+
+
+# --- the on-disk cache ---------------------------------------------------------------------------------
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("arcee-diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def cache_key(sources: Iterable[bytes], package_version: str) -> str:
+    """What the compiled code depends on: the package's sources, its version, numba's and llvmlite's."""
+    digest = hashlib.sha256()
+    versions = (package_version, numba.__version__, llvmlite.__version__)
+    for part in (*sources, *(version.encode() for version in versions)):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where numba keeps this module's compiled kernels: ``$ARCEE_SCAN_CACHE_DIR`` (else the user cache
+    folder) / ``numba-<cache_key>``, the key over every source file of the package (the kernels read
+    constants of other modules, such as the softplus threshold). numba adds its own index per kernel, keyed
+    by the signature and the CPU, so one folder serves every machine that shares it."""
+    base = os.environ.get(CACHE_DIR_ENV_VAR) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "arcee_scan"
+    )
+    sources = [path.read_bytes() for path in sorted(Path(__file__).parent.glob("*.py"))]
+    return Path(base) / f"numba-{cache_key(sources, _package_version())}"
+
+
+def _jit_cached(**options):
+    """``numba.njit(cache=True, **options)`` with the cache in ``cache_dir()``.
+
+    numba picks a function's cache folder when it is decorated, from ``numba.config.CACHE_DIR``; setting
+    that only around the decoration keeps the user's own numba cache setting for everything else.
+    """
+
+    def decorate(function):
+        previous = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = str(cache_dir())
+        try:
+            return numba.njit(cache=True, **options)(function)
+        finally:
+            numba.config.CACHE_DIR = previous
+
+    return decorate
+
+
+# --- scalar helpers, inlined into the kernels ----------------------------------------------------------
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_FLUSH_TO_ZERO_BITS = 0x8040  # MXCSR: flush-to-zero (results) and denormals-are-zero (inputs)
+
+
+def _mxcsr_call(builder, name: str, pointer) -> None:
+    function_type = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
+    function = cgutils.get_or_insert_function(builder.module, function_type, name)
+    builder.call(function, [builder.bitcast(pointer, ir.IntType(8).as_pointer())])
+
+
+@intrinsic
+def _enter_flush_to_zero(typingctx):
+    """Set flush-to-zero on this thread; returns the previous control word (x86; a no-op elsewhere)."""
+
+    def codegen(context, builder, signature, args):
+        if not _X86:
+            return ir.Constant(ir.IntType(32), 0)
+        word = cgutils.alloca_once(builder, ir.IntType(32))
+        _mxcsr_call(builder, "llvm.x86.sse.stmxcsr", word)
+        previous = builder.load(word)
+        builder.store(builder.or_(previous, ir.Constant(ir.IntType(32), _FLUSH_TO_ZERO_BITS)), word)
+        _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", word)
+        return previous
+
+    return types.uint32(), codegen
+
+
+@intrinsic
+def _leave_flush_to_zero(typingctx, previous):
+    """Restore the control word ``_enter_flush_to_zero`` returned."""
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            word = cgutils.alloca_once(builder, ir.IntType(32))
+            builder.store(args[0], word)
+            _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", word)
+        return context.get_dummy_value()
+
+    return types.void(types.uint32), codegen
+
+
+@intrinsic
+def _bits_to_float32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+def _exp2(x):
+    """2**x; a vectorisable polynomial for float32, numpy's exp2 for float64 (gradcheck precision)."""
+    return np.exp2(x)
+
+
+@overload(_exp2, inline="always")
+def _exp2_overload(x):
+    if x != types.float32:
+        return lambda x: np.exp2(x)
+
+    def exp2_float32(x):
+        # 2**x = 2**k * 2**f with k = round(x), |f| <= 1/2, and 2**f by a degree-6 polynomial fitted to it
+        # (relative error < 1e-7, fp32 rounding). Branch-free, so that it vectorises: below -127 the
+        # exponent bits are 0 and the result 0; between -127 and -126 it is denormal, which flush-to-zero
+        # zeroes; above 128 it is inf.
+        clamped = min(max(x, np.float32(-127.0)), np.float32(128.0))
+        k = np.rint(clamped)
+        f = clamped - k
+        p = np.float32(1.5353362e-4)
+        p = p * f + np.float32(1.3398875e-3)
+        p = p * f + np.float32(9.6184369e-3)
+        p = p * f + np.float32(5.5503324e-2)
+        p = p * f + np.float32(2.4022648e-1)
+        p = p * f + np.float32(6.9314718e-1)
+        p = p * f + np.float32(1.0)
+        return p * _bits_to_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+
+    return exp2_float32
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@overload(_sigmoid, inline="always")
+def _sigmoid_overload(x):
+    if x != types.float32:
+        return lambda x: 1.0 / (1.0 + np.exp(-x))
+    return lambda x: np.float32(1.0) / (np.float32(1.0) + _exp2(x * np.float32(-LOG2_E)))
+
+
+def _softplus(x):
+    return x if x > SOFTPLUS_THRESHOLD else np.log1p(np.exp(x))
+
+
+@overload(_softplus, inline="always")
+def _softplus_overload(x):
+    """torch's softplus (threshold 20): x above the threshold, log(1 + e^x) below."""
+    if x != types.float32:
+        return lambda x: x if x > SOFTPLUS_THRESHOLD else np.log1p(np.exp(x))
+
+    def softplus_float32(x):
+        # log(1 + e^x) = max(x, 0) + log1p(w), w = e^-|x| in (0, 1]; log1p(w) = 2 atanh(s) with
+        # s = w / (2 + w) in (0, 1/3], and atanh(s) / s by a degree-4 polynomial in s^2 fitted to it (no
+        # cancellation for small w; relative error < 3e-7)
+        w = _exp2(-abs(x) * np.float32(LOG2_E))
+        s = w / (np.float32(2.0) + w)
+        q = s * s
+        p = np.float32(0.14012229)
+        p = p * q + np.float32(0.1399957)
+        p = p * q + np.float32(0.2001085)
+        p = p * q + np.float32(0.33333206)
+        p = p * q + np.float32(1.0)
+        smooth = max(x, np.float32(0.0)) + np.float32(2.0) * s * p
+        return x if x > np.float32(SOFTPLUS_THRESHOLD) else smooth
+
+    return softplus_float32
+
+
+# --- kernels -------------------------------------------------------------------------------------------
+
+# The kernels take no views and make no array aliases (no slices, no ``x = y`` of arrays): numba then marks
+# the parallel body's array arguments noalias, which LLVM needs to vectorise loops that load from some
+# arrays and store to others. Scratch buffers are therefore arguments too, one row per work item.
+#
+# The state is walked one tile at a time, the time loop inside the tile loop: LLVM then keeps the tile's
+# state (and the backward's adjoint) in vector registers through the time loop, instead of a store and a
+# reload per step. Sums over the state (y, and the backward's S and Q) add up lane by lane over the tiles
+# and are reduced across the lanes once per step. The per-step elementwise work (bias and softplus, D, the
+# z gate and their gradients) runs in loops over time of their own, which vectorise across steps.
+
+
+@_jit_cached(parallel=True, fastmath=FASTMATH, nogil=True)
+def _forward_kernel(
+    u, delta, z, delta_bias, D, A_log2, B, C, h0, delta_softplus, gated, chunk_size, blocks,
+    step_row, state, y_lanes, out, y_pregate, h_T, checkpoints,
+):  # fmt: skip
+    """out = y * silu(z) (or y), y_pregate = y when ``gated``, h_T and the checkpoints.
+
+    u, delta, z: (b, d, L); delta_bias, D: (d,); A_log2: (d, Np) A * log2(e), padded with 0; B, C: (b, G,
+    L, Np) time-major, padded with 0; h0: (b, d, N); blocks: (n, 3) rows (group, first channel, end
+    channel). Scratch, a row per work item: step_row (., L), the channel's step; state (., LANES), one tile
+    of h; y_lanes (., L, LANES), ``C h`` by lane.
+    """
+    batch, _, length = u.shape
+    padded = np.uint64(A_log2.shape[1])
+    d_state = np.uint64(h_T.shape[2])
+    n_blocks = blocks.shape[0]
+    for item in prange(batch * n_blocks):
+        control = _enter_flush_to_zero()
+        b, block = item // n_blocks, item % n_blocks
+        g, c0, c1 = blocks[block, 0], blocks[block, 1], blocks[block, 2]
+        for d in range(c0, c1):
+            bias = delta_bias[d]
+            if delta_softplus:
+                for t in range(length):
+                    step_row[item, t] = _softplus(delta[b, d, t] + bias)
+            else:
+                for t in range(length):
+                    step_row[item, t] = delta[b, d, t] + bias
+            for t in range(length):
+                for j in range(_LANES_U):
+                    y_lanes[item, t, j] = 0.0
+            for n0 in range(_U0, padded, _LANES_U):
+                in_state = min(_LANES_U, d_state - n0)  # the tile's lanes that are not padding
+                for j in range(_LANES_U):
+                    state[item, j] = 0.0
+                for j in range(in_state):
+                    state[item, j] = h0[b, d, n0 + j]
+                for t in range(length):
+                    if t % chunk_size == 0:
+                        for j in range(in_state):
+                            checkpoints[b, d, t // chunk_size, n0 + j] = state[item, j]
+                    step = step_row[item, t]
+                    drive = step * u[b, d, t]
+                    for j in range(_LANES_U):
+                        n = n0 + j
+                        h = _exp2(step * A_log2[d, n]) * state[item, j] + drive * B[b, g, t, n]
+                        state[item, j] = h
+                        y_lanes[item, t, j] += C[b, g, t, n] * h
+                for j in range(in_state):
+                    h_T[b, d, n0 + j] = state[item, j]
+            skip = D[d]
+            for t in range(length):
+                y = skip * u[b, d, t]
+                for j in range(_LANES_U):
+                    y += y_lanes[item, t, j]
+                step_row[item, t] = y  # the step is no longer needed
+            if gated:
+                for t in range(length):
+                    y = step_row[item, t]
+                    gate = z[b, d, t]
+                    y_pregate[b, d, t] = y
+                    out[b, d, t] = y * gate * _sigmoid(gate)
+            else:
+                for t in range(length):
+                    out[b, d, t] = step_row[item, t]
+        _leave_flush_to_zero(control)
+
+
+@_jit_cached(parallel=True, fastmath=FASTMATH, nogil=True)
+def _backward_kernel(
+    dout, dh_T, u, delta, z, y_pregate, delta_bias, D, A, A_log2, B, C, checkpoints,
+    delta_softplus, gated, chunk_size, blocks,
+    step_row, dy_row, carry, dA_acc, h_tile, states, decays, input_lanes, decay_lanes,
+    du, ddelta, dz, dh0, dA_parts, channel_parts, dB_parts, dC_parts,
+):  # fmt: skip
+    """Gradients of every input from dout (of the output, after the gate) and dh_T.
+
+    Scratch, a row per work item: step_row, dy_row (., L), the channel's step and the gradient of its
+    pre-gate y; carry (., Np), a_{t+1} g_{t+1}, what flows into g_t from step t + 1; dA_acc (., Np);
+    h_tile (., LANES), the running state of the recomputation; states (., chunk + 1, LANES), one tile of
+    the chunk's states (row 0 the state entering it, row i + 1 the state after its step i); decays (.,
+    chunk, LANES); input_lanes, decay_lanes (., chunk, LANES), ``S = sum_n g B`` and
+    ``Q = sum_n g a h_{t-1} A`` by lane. Outputs: du, ddelta, dz (b, d, L); dh0 (b, d, N); parts summed
+    afterwards: dA_parts (b, d, N) and channel_parts (b, d, 2) (dD, d delta_bias) over b, dB_parts /
+    dC_parts (b, n_blocks, L, Np) over a group's blocks.
+    """
+    batch, _, length = u.shape
+    padded = np.uint64(A_log2.shape[1])
+    d_state = np.uint64(dh0.shape[2])
+    n_blocks = blocks.shape[0]
+    n_chunks = checkpoints.shape[2]
+    length_u = np.uint64(length)
+    for item in prange(batch * n_blocks):
+        control = _enter_flush_to_zero()
+        b, block = item // n_blocks, item % n_blocks
+        g, c0, c1 = blocks[block, 0], blocks[block, 1], blocks[block, 2]
+        for t in range(length):
+            for n in range(padded):
+                dB_parts[b, block, t, n] = 0.0
+                dC_parts[b, block, t, n] = 0.0
+        for d in range(c0, c1):
+            bias, skip = delta_bias[d], D[d]
+            if delta_softplus:
+                for t in range(length):
+                    step_row[item, t] = _softplus(delta[b, d, t] + bias)
+            else:
+                for t in range(length):
+                    step_row[item, t] = delta[b, d, t] + bias
+            if gated:
+                for t in range(length):
+                    gate = z[b, d, t]
+                    sig = _sigmoid(gate)
+                    dy_row[item, t] = dout[b, d, t] * gate * sig
+                    dz[b, d, t] = dout[b, d, t] * y_pregate[b, d, t] * sig * (_ONE + gate * (_ONE - sig))
+            else:
+                for t in range(length):
+                    dy_row[item, t] = dout[b, d, t]
+            for n in range(padded):
+                carry[item, n] = 0.0
+                dA_acc[item, n] = 0.0
+            for n in range(d_state):
+                carry[item, n] = dh_T[b, d, n]
+            for chunk in range(n_chunks - 1, -1, -1):
+                t0 = np.uint64(chunk * chunk_size)
+                steps = min(np.uint64(chunk_size), length_u - t0)
+                for i in range(steps):
+                    for j in range(_LANES_U):
+                        input_lanes[item, i, j] = 0.0
+                        decay_lanes[item, i, j] = 0.0
+                for n0 in range(_U0, padded, _LANES_U):
+                    # recompute the tile's states and decays from the chunk's checkpoint (the running state
+                    # is read from h_tile, which LLVM keeps in registers, never from states), and dC
+                    in_state = min(_LANES_U, d_state - n0)
+                    for j in range(_LANES_U):
+                        h_tile[item, j] = 0.0
+                    for j in range(in_state):
+                        h_tile[item, j] = checkpoints[b, d, chunk, n0 + j]
+                    for j in range(_LANES_U):
+                        states[item, 0, j] = h_tile[item, j]
+                    for i in range(steps):
+                        t = t0 + i
+                        step = step_row[item, t]
+                        drive = step * u[b, d, t]
+                        grad_y = dy_row[item, t]
+                        for j in range(_LANES_U):
+                            n = n0 + j
+                            a = _exp2(step * A_log2[d, n])
+                            h = a * h_tile[item, j] + drive * B[b, g, t, n]
+                            h_tile[item, j] = h
+                            decays[item, i, j] = a
+                            states[item, i + _U1, j] = h
+                            dC_parts[b, block, t, n] += grad_y * h
+                    # the adjoint through the chunk, last step first
+                    for k in range(steps):
+                        i = steps - _U1 - k
+                        t = t0 + i
+                        step = step_row[item, t]
+                        drive = step * u[b, d, t]
+                        grad_y = dy_row[item, t]
+                        for j in range(_LANES_U):
+                            n = n0 + j
+                            g_t = carry[item, n] + C[b, g, t, n] * grad_y
+                            a = decays[item, i, j]
+                            g_decayed = g_t * a * states[item, i, j]  # g_t a_t h_{t-1} = g_t (h_t - b_t)
+                            dB_parts[b, block, t, n] += g_t * drive
+                            input_lanes[item, i, j] += g_t * B[b, g, t, n]
+                            decay_lanes[item, i, j] += g_decayed * A[d, n]
+                            dA_acc[item, n] += g_decayed * step
+                            carry[item, n] = a * g_t
+                for i in range(steps):
+                    t = t0 + i
+                    input_sum = np.float32(0.0)  # sum_n g_t B_t (float32 0 keeps float64 kernels float64)
+                    decay_sum = np.float32(0.0)  # sum_n g_t a_t h_{t-1} A
+                    for j in range(_LANES_U):
+                        input_sum += input_lanes[item, i, j]
+                        decay_sum += decay_lanes[item, i, j]
+                    du[b, d, t] = skip * dy_row[item, t] + step_row[item, t] * input_sum
+                    ddelta[b, d, t] = u[b, d, t] * input_sum + decay_sum
+            if delta_softplus:
+                # torch's softplus is linear above the threshold, so its derivative is exactly 1 there
+                for t in range(length):
+                    raw = delta[b, d, t] + bias
+                    ddelta[b, d, t] *= _ONE if raw > SOFTPLUS_THRESHOLD else _sigmoid(raw)
+            skip_grad = np.float32(0.0)
+            bias_grad = np.float32(0.0)
+            for t in range(length):
+                skip_grad += dy_row[item, t] * u[b, d, t]
+                bias_grad += ddelta[b, d, t]
+            channel_parts[b, d, 0] = skip_grad
+            channel_parts[b, d, 1] = bias_grad
+            for n in range(d_state):
+                dh0[b, d, n] = carry[item, n]
+                dA_parts[b, d, n] = dA_acc[item, n]
+        _leave_flush_to_zero(control)
+
+
+@_jit_cached(parallel=True, fastmath=FASTMATH, nogil=True)
+def _sum_block_parts(parts, first_block, out):
+    """out[b, g, t, n] = sum of parts[b, k, t, n] over group g's blocks k, in order; out is (b, G, L, N)."""
+    batch, groups, length, d_state = out.shape
+    for item in prange(batch * groups):
+        b, g = item // groups, item % groups
+        for t in range(length):
+            for n in range(d_state):
+                total = parts[b, first_block[g], t, n]
+                for k in range(first_block[g] + 1, first_block[g + 1]):
+                    total += parts[b, k, t, n]
+                out[b, g, t, n] = total
+
+
+@_jit_cached(parallel=True, fastmath=FASTMATH, nogil=True)
+def _sum_over_batch(parts, out):
+    """out[d, n] = sum over b of parts[b, d, n], in order."""
+    batch, dim, width = parts.shape
+    for d in prange(dim):
+        for n in range(width):
+            total = parts[0, d, n]
+            for b in range(1, batch):
+                total += parts[b, d, n]
+            out[d, n] = total
+
+
+# --- the backend contract ------------------------------------------------------------------------------
+
+# numba's OpenMP threading layer sets the OpenMP thread count that torch reads: after one launch,
+# torch.get_num_threads() would no longer be what the user set. Unless the user picked a layer
+# ($NUMBA_THREADING_LAYER), the kernels use numba's own workqueue layer, which is present everywhere (no
+# OpenMP or TBB runtime needed) and fork-safe, but aborts the process when two threads launch parallel
+# kernels at once: one lock serialises the launches.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+_launch_lock = threading.Lock()
+
+
+def _launch(kernel, *args) -> None:
+    with _launch_lock:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        kernel(*args)
+
+
+def _channel_blocks(batch: int, dim: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (group, first channel, end channel) that lie inside one group, and each group's first row.
+
+    Each group is cut into as many blocks as needed for ``batch * blocks >= MIN_WORK_ITEMS``: a function of
+    the shape only, so the summation order of dB/dC (and so every bit of them) never depends on threads.
+    """
+    per_group = dim // groups
+    splits = max(1, min(per_group, math.ceil(MIN_WORK_ITEMS / (batch * groups))))
+    ends = [k * per_group // splits for k in range(splits + 1)]  # sizes differ by at most one
+    rows = [
+        (g, g * per_group + e0, g * per_group + e1) for g in range(groups) for e0, e1 in zip(ends, ends[1:])
+    ]
+    first = np.arange(groups + 1, dtype=np.int64) * splits
+    return np.asarray(rows, dtype=np.int64), first
+
+
+class _Inputs:
+    """The kernels' arguments: numpy views in the compute dtype, (b, d, L) contiguous sequences, padded
+    time-major B/C and A, zeros for absent D / delta_bias, and the channel blocks."""
+
+    def __init__(self, u, delta, z, A, B, C, D, delta_bias):
+        self.dtype = compute_dtype(u)
+        batch, dim, length = u.shape
+        self.d_state = A.shape[1]
+        self.padded = math.ceil(self.d_state / LANES) * LANES
+        self.u_tensor = self.sequence(u)
+        self.u, self.delta = _array(self.u_tensor), _array(self.sequence(delta))
+        # a stand-in when z is absent: the kernels take the same argument types either way
+        self.z = _array(self.sequence(z)) if z is not None else np.zeros((1, 1, 1), self.u.dtype)
+        self.delta_bias = self.per_channel(delta_bias, dim)
+        self.D = self.per_channel(D, dim)
+        A = self.pad(A.to(self.dtype))
+        self.A, self.A_log2 = _array(A), _array(A * LOG2_E)
+        self.B = _array(self.pad(B.to(self.dtype).transpose(-1, -2)))  # (b, G, L, Np)
+        self.C = _array(self.pad(C.to(self.dtype).transpose(-1, -2)))
+        self.blocks, self.first_block = _channel_blocks(batch, dim, B.shape[1])
+        self.items = batch * len(self.blocks)
+
+    def sequence(self, x: Tensor) -> Tensor:
+        return x.to(self.dtype).contiguous()
+
+    def per_channel(self, x: Tensor | None, dim: int) -> np.ndarray:
+        return np.zeros(dim, self.u.dtype) if x is None else _array(x.to(self.dtype).contiguous())
+
+    def pad(self, x: Tensor) -> Tensor:
+        """Pad the state axis (last) to ``padded``; no copy for a contiguous one that needs none, such as
+        the mixer's time-major B/C."""
+        if x.shape[-1] != self.padded:
+            x = F.pad(x, (0, self.padded - x.shape[-1]))
+        return x.contiguous()
+
+    def scratch(self, *shape: int) -> np.ndarray:
+        return np.empty((self.items, *shape), self.u.dtype)
+
+
+def _array(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def scan_forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """See the backend contract in kernels/arcee_scan/interface.py."""
+    batch, dim, length = u.shape
+    with torch.no_grad():
+        inputs = _Inputs(u, delta, z, A, B, C, D, delta_bias)
+        new = inputs.u_tensor.new_empty
+        out = new(batch, dim, length)
+        y_pregate = new(batch, dim, length) if z is not None else None
+        h_T = new(batch, dim, inputs.d_state)
+        checkpoints = new(batch, dim, math.ceil(length / chunk_size), inputs.d_state)
+        h0 = torch.zeros_like(h_T) if initial_state is None else initial_state.contiguous()
+        _launch(
+            _forward_kernel,
+            inputs.u, inputs.delta, inputs.z, inputs.delta_bias, inputs.D, inputs.A_log2, inputs.B, inputs.C,
+            _array(h0), delta_softplus, z is not None, chunk_size, inputs.blocks,
+            inputs.scratch(length), inputs.scratch(LANES), inputs.scratch(length, LANES),
+            _array(out), _array(out if y_pregate is None else y_pregate), _array(h_T), _array(checkpoints),
+        )  # fmt: skip
+    return out.to(u.dtype), h_T, checkpoints, y_pregate
+
+
+def scan_backward(
+    dout: Tensor | None,
+    dh_T: Tensor | None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    checkpoints: Tensor,
+    y_pregate: Tensor | None,
+    chunk_size: int,
+    deterministic: bool,
+) -> tuple[Tensor | None, ...]:
+    """See the backend contract in kernels/arcee_scan/interface.py. Always deterministic (no atomics)."""
+    batch, dim, length = u.shape
+    groups = B.shape[1]
+    with torch.no_grad():
+        inputs = _Inputs(u, delta, z, A, B, C, D, delta_bias)
+        new = inputs.u_tensor.new_empty
+        d_state, padded, steps = inputs.d_state, inputs.padded, min(chunk_size, length)
+        dout = torch.zeros_like(inputs.u_tensor) if dout is None else inputs.sequence(dout)
+        dh_T = new(batch, dim, d_state).zero_() if dh_T is None else dh_T.contiguous()
+        y_pregate = inputs.z if y_pregate is None else _array(y_pregate.contiguous())
+        du, ddelta, dz = new(batch, dim, length), new(batch, dim, length), new(batch, dim, length)
+        dh0, dA_parts, channel_parts = new(batch, dim, d_state), new(batch, dim, d_state), new(batch, dim, 2)
+        dB_parts = new(batch, len(inputs.blocks), length, padded)
+        dC_parts = new(batch, len(inputs.blocks), length, padded)
+        _launch(
+            _backward_kernel,
+            _array(dout), _array(dh_T), inputs.u, inputs.delta, inputs.z, y_pregate, inputs.delta_bias,
+            inputs.D, inputs.A, inputs.A_log2, inputs.B, inputs.C, _array(checkpoints.contiguous()),
+            delta_softplus, z is not None, chunk_size, inputs.blocks,
+            inputs.scratch(length), inputs.scratch(length), inputs.scratch(padded), inputs.scratch(padded),
+            inputs.scratch(LANES), inputs.scratch(steps + 1, LANES), inputs.scratch(steps, LANES),
+            inputs.scratch(steps, LANES), inputs.scratch(steps, LANES),
+            *map(_array, (du, ddelta, dz, dh0, dA_parts, channel_parts, dB_parts, dC_parts)),
+        )  # fmt: skip
+        dA, channel_sums = new(dim, d_state), new(dim, 2)
+        _launch(_sum_over_batch, _array(dA_parts), _array(dA))
+        _launch(_sum_over_batch, _array(channel_parts), _array(channel_sums))
+        dB, dC = new(batch, groups, length, d_state), new(batch, groups, length, d_state)
+        for parts, total in ((dB_parts, dB), (dC_parts, dC)):
+            _launch(_sum_block_parts, _array(parts), inputs.first_block, _array(total))
+    return (
+        du.to(u.dtype),
+        ddelta.to(delta.dtype),
+        dA,
+        dB.transpose(-1, -2).contiguous(),
+        dC.transpose(-1, -2).contiguous(),
+        None if D is None else channel_sums[:, 0].contiguous(),
+        None if z is None else dz.to(z.dtype),
+        None if delta_bias is None else channel_sums[:, 1].contiguous(),
+        None if initial_state is None else dh0,
+    )
