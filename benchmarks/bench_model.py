@@ -1,11 +1,17 @@
-"""Training-step time and peak memory of Zigma-k (no state chain) against Arcee-k, same size, same run.
+"""Training-step time and peak memory: Zigma-k (no state chain) against Arcee-k, or one scan backend
+against another, same size, same run.
 
 One step = forward + flow-matching MSE loss + backward + AdamW step. The models under comparison start from
 the same weights and run interleaved (one step of each in turn, repeated), so machine-load drift hits them
-alike. Reports the median step time, Arcee/Zigma time ratio (target <= 1.03) and peak memory (CUDA only).
+alike. Reports the median step time, the ratio to the first model (Arcee/Zigma, target <= 1.03; or each
+backend against the first) and peak memory (CUDA only).
 
     python benchmarks/bench_model.py                       # CPU: Tiny/2, 4 x 32 x 32 latents, batch 16
     python benchmarks/bench_model.py --device cuda --preset B/2 --batch 32 --dtype bf16 --out bench.json
+    # the 256-token digits model (train_fm.py --resolution 16 --patch_size 1 --no-class_conditional),
+    # Arcee-1 with the torch scan backend against the numba one
+    python benchmarks/bench_model.py --compare backends --batch 32 --threads 1 --config sample_size=16 \\
+        in_channels=1 out_channels=1 patch_size=1 hidden_size=64 num_layers=6 d_state=16
 """
 
 from __future__ import annotations
@@ -37,7 +43,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--orders", default="1", help="comma-separated k values, e.g. 1,2,4,8")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--compare", default="chain", choices=["chain", "backends"], help="Zigma vs Arcee, or scan backends"
+    )
     parser.add_argument("--scan-backend", default=None, help="arcee_scan backend (default: automatic)")
+    parser.add_argument(
+        "--scan-backends", nargs="+", default=["torch", "numba"], help="with --compare backends"
+    )
+    parser.add_argument(
+        "--config", nargs="+", default=[], metavar="KEY=VALUE", help="preset overrides, e.g. d_state=16"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON to this path")
@@ -53,20 +69,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def config_overrides(pairs: list[str]) -> dict:
+    """``["d_state=16", "scan_pattern=zigzag"]`` -> ``{"d_state": 16, "scan_pattern": "zigzag"}``."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            sys.exit(f"bench_model.py: error: --config takes KEY=VALUE pairs, got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def build_models(args: argparse.Namespace, k: int, device: torch.device) -> dict[str, ArceeZigmaTransformer]:
-    """Zigma-k and Arcee-k with identical initial weights (the chain adds no parameters)."""
-    overrides = {"scan_backend": args.scan_backend}
-    if is_bidirectional(args.preset):
-        names = ("Vim", "ArceeVim")
-    else:
-        names = (f"Zigma-{k}", f"Arcee-{k}")
+    """Zigma-k and Arcee-k, or Arcee-k once per scan backend, with identical initial weights."""
+    overrides = {"scan_backend": args.scan_backend, **config_overrides(args.config)}
+    if not is_bidirectional(args.preset):
         overrides["num_scan_orders"] = k
+    variant = "Vim" if is_bidirectional(args.preset) else f"Zigma-{k}"
+    chained = "ArceeVim" if is_bidirectional(args.preset) else f"Arcee-{k}"
+    if args.compare == "chain":
+        configs = {variant: {"state_chain": False}, chained: {"state_chain": True}}
+    else:
+        configs = {f"{chained} {name}": {"scan_backend": name} for name in args.scan_backends}
     torch.manual_seed(args.seed)
-    zigma = ArceeZigmaTransformer.from_preset(args.preset, state_chain=False, **overrides)
-    arcee = ArceeZigmaTransformer.from_preset(args.preset, state_chain=True, **overrides)
-    arcee.load_state_dict(zigma.state_dict())
+    built = [ArceeZigmaTransformer.from_preset(args.preset, **{**overrides, **c}) for c in configs.values()]
+    for model in built[1:]:
+        model.load_state_dict(built[0].state_dict())  # the chain and the backend add no parameters
     models = {}
-    for name, model in zip(names, (zigma, arcee)):
+    for name, model in zip(configs, built):
         if args.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         models[name] = model.to(device).train()
@@ -108,6 +141,8 @@ def timed(step, device: torch.device) -> tuple[float, float | None]:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the paper trains in fp32 with TF32
@@ -153,11 +188,11 @@ def main() -> None:
         f"{args.preset}, batch {args.batch}, {args.dtype}, {device_name}, "
         f"{args.repeats} interleaved repeats after {args.warmup} warm-up"
     )
-    print(f"{'model':<10} {'median ms':>10} {'min ms':>10} {'peak GiB':>9} {'vs baseline':>12}")
+    print(f"{'model':<16} {'median ms':>10} {'min ms':>10} {'peak GiB':>9} {'vs baseline':>12}")
     for row in rows:
         peak = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.2f}"
         print(
-            f"{row['model']:<10} {row['median_ms']:>10.1f} {row['min_ms']:>10.1f} {peak:>9} "
+            f"{row['model']:<16} {row['median_ms']:>10.1f} {row['min_ms']:>10.1f} {peak:>9} "
             f"{row['ratio_to_baseline']:>11.3f}x"
         )
     if args.out:

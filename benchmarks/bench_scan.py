@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from arcee_scan import selective_scan
+from arcee_scan import BACKENDS, selective_scan
 
 CPU_SHAPES = ["2,192,256,16", "2,384,128,64", "2,1536,256,256"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, help="batch,dim,L,N ...")
-    parser.add_argument("--backends", nargs="+", default=None, choices=["reference", "torch", "numba", "triton"])
+    parser.add_argument("--backends", nargs="+", default=None, choices=list(BACKENDS))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arcee_scan import selective_scan
+from arcee_scan import causal_conv1d, selective_scan
 
 from .scan_orders import inverse_permutation, layer_scan_path, zigzag_paths
 
@@ -99,26 +99,40 @@ class MambaMixer(nn.Module):
         initial_state: Tensor | None,
         output_final_state: bool,
     ) -> tuple[Tensor, Tensor | None]:
-        """One direction: causal conv, input-dependent (delta, B, C), selective scan. x, z: (B, d_in, L)."""
-        seqlen = x.shape[-1]
-        x = F.silu(conv1d(x)[..., :seqlen])
-        x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2 * d_state)
+        """One direction: causal conv, input-dependent (delta, B, C), selective scan.
+
+        Time-major throughout, the layout the linear layers read and write: x, z (B, L, d_inner) -> y (B, L,
+        d_inner). The scan takes (B, d_inner, L) views of them; the numba backend reads and returns the
+        time-major buffers as they are.
+        """
+        x = causal_conv1d(x, conv1d.weight, conv1d.bias, silu=True, backend=self.scan_backend)
+        x_dbl = x_proj(x)  # (B, L, dt_rank + 2 * d_state)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = dt_proj.weight @ dt.transpose(1, 2)  # (B, d_inner, L); the scan adds the bias in fp32
-        # B and C go in as strided (B, d_state, L) views of x_dbl: no copies.
-        return selective_scan(
-            x,
-            delta,
+        delta = F.linear(dt, dt_proj.weight)  # (B, L, d_inner); the scan adds the bias in fp32
+        y, final_state = selective_scan(
+            x.transpose(1, 2),
+            delta.transpose(1, 2),
             -torch.exp(A_log.float()),
             B.transpose(1, 2),
             C.transpose(1, 2),
             D=D.float(),
-            z=z,
+            z=z.transpose(1, 2),
             delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
             initial_state=initial_state,
             output_final_state=output_final_state,
             backend=self.scan_backend,
+        )
+        return y.transpose(1, 2), final_state
+
+    def _in_proj(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        """x and z, (B, L, d_inner) each: in_proj's two halves as two products, so that each is a
+        contiguous tensor rather than a strided half of one. The weight is cast to the input's dtype
+        because in_proj's own forward does not run: diffusers' layerwise casting, which stores it in
+        another dtype, upcasts it in a hook of that forward."""
+        weight = self.in_proj.weight.to(hidden_states.dtype)
+        return F.linear(hidden_states, weight[: self.d_inner]), F.linear(
+            hidden_states, weight[self.d_inner :]
         )
 
     def _to_scan_order(self, hidden_states: Tensor) -> Tensor:
@@ -135,8 +149,7 @@ class MambaMixer(nn.Module):
         self, hidden_states: Tensor, initial_state: Tensor | None = None, output_final_state: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """``(B, L, d_model)`` row-major tokens -> ``(B, L, d_model)``, final scan state or None."""
-        xz = self.in_proj(self._to_scan_order(hidden_states)).transpose(1, 2)  # (B, 2 * d_inner, L)
-        x, z = xz.chunk(2, dim=1)
+        x, z = self._in_proj(self._to_scan_order(hidden_states))
         y, final_state = self._scan(
             x,
             z,
@@ -148,8 +161,7 @@ class MambaMixer(nn.Module):
             initial_state,
             output_final_state,
         )
-        out = self.out_proj(y.transpose(1, 2))
-        return self._to_row_major(out), final_state
+        return self._to_row_major(self.out_proj(y)), final_state
 
 
 class BidirectionalMambaMixer(MambaMixer):
@@ -194,15 +206,14 @@ class BidirectionalMambaMixer(MambaMixer):
         initial_state: tuple[Tensor, Tensor] | None = None,
         output_final_state: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2 * d_inner, L)
-        x, z = xz.chunk(2, dim=1)
+        x, z = self._in_proj(hidden_states)  # (B, L, d_inner) each
         state_fwd, state_bwd = (None, None) if initial_state is None else initial_state
         y_fwd, final_fwd = self._scan(
             x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, state_fwd, output_final_state
         )
         y_bwd, final_bwd = self._scan(
-            x.flip(-1),
-            z.flip(-1),
+            x.flip(1),
+            z.flip(1),
             self.conv1d_b,
             self.x_proj_b,
             self.dt_proj_b,
@@ -211,7 +222,7 @@ class BidirectionalMambaMixer(MambaMixer):
             state_bwd,
             output_final_state,
         )
-        out = self.out_proj((y_fwd + y_bwd.flip(-1)).transpose(1, 2))
+        out = self.out_proj(y_fwd + y_bwd.flip(1))
         return out, ((final_fwd, final_bwd) if output_final_state else None)
 
 

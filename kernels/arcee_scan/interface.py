@@ -16,7 +16,9 @@ Backend contract
 ``torch_scan``, ``numba_scan`` and ``triton_scan`` each expose ``scan_forward`` and ``scan_backward``;
 besides those, only ``torch_scan.default_chunk_size`` is called (for ``chunk_size=None``). They receive B/C
 always grouped ``(batch, G, N, L)`` with arbitrary strides, A/D/delta_bias as given, and ``initial_state``
-float32 (float64 when ``u`` is float64) or None, and return contiguous tensors::
+float32 (float64 when ``u`` is float64) or None, and return contiguous tensors (the numba backend: its
+per-step outputs ``out``, ``y_pregate``, ``du``, ``ddelta``, ``dz``, ``dB``, ``dC`` time-major, views of
+``(..., L, d)`` buffers, see ``_new_sequence``)::
 
     scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
         -> out (b, d, L) in u's dtype after the z gate, h_T (b, d, N) fp32,
@@ -51,7 +53,9 @@ BACKEND_ENV_VAR = "ARCEE_SCAN_BACKEND"
 DEFAULT_CHUNK_SIZE = 16
 
 
-# whether a backend module imports: decided on its first use, then a plain read (compile-friendly)
+# whether a backend module imports: decided on its first use, then a plain read (compile-friendly). numba's
+# is decided when this module loads (0.2 s), so that no import runs inside a torch.compile trace of a CPU
+# model; Triton's on the first CUDA call.
 _IMPORTABLE: dict[str, bool] = {}
 
 
@@ -125,15 +129,23 @@ def _selective_scan_fwd(
     return out, h_T, checkpoints, _empty_like_none(y_pregate, h_T)
 
 
+def _new_sequence(like: Tensor, backend: str, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty (..., L) output laid out as ``backend`` returns it: the numba backend's per-step outputs
+    are time-major (views of (..., L, d) buffers), every other backend's contiguous."""
+    if backend != "numba":
+        return like.new_empty(like.shape, dtype=dtype)
+    return like.new_empty(*like.shape[:-2], like.shape[-1], like.shape[-2], dtype=dtype).transpose(-1, -2)
+
+
 @_selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size, deterministic, backend):
     batch, dim, length = u.shape
     d_state = A.shape[1]
     state_dtype = compute_dtype(u)
-    out = u.new_empty(batch, dim, length)
+    out = _new_sequence(u, backend)
     h_T = u.new_empty(batch, dim, d_state, dtype=state_dtype)
     checkpoints = u.new_empty(batch, dim, math.ceil(length / chunk_size), d_state, dtype=state_dtype)
-    y_pregate = u.new_empty((batch, dim, length) if z is not None else (0,), dtype=state_dtype)
+    y_pregate = _new_sequence(u, backend, state_dtype) if z is not None else u.new_empty(0, dtype=state_dtype)
     return out, h_T, checkpoints, y_pregate
 
 
@@ -190,14 +202,14 @@ def _(
     def optional(t: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return dh_T.new_empty(shape if t is not None else (0,), dtype=dtype)
 
-    return (  # backends return contiguous gradients, whatever the inputs' strides
-        u.new_empty(u.shape),
-        delta.new_empty(delta.shape),
+    return (  # laid out by the backend, whatever the inputs' strides
+        _new_sequence(u, backend),
+        _new_sequence(delta, backend),
         A.new_empty(A.shape, dtype=state_dtype),
-        B.new_empty(B.shape, dtype=state_dtype),
-        C.new_empty(C.shape, dtype=state_dtype),
+        _new_sequence(B, backend, state_dtype),
+        _new_sequence(C, backend, state_dtype),
         optional(D, (dim,), state_dtype),
-        optional(z, tuple(u.shape), z.dtype if z is not None else u.dtype),
+        _new_sequence(z, backend) if z is not None else dh_T.new_empty(0, dtype=u.dtype),
         optional(delta_bias, (dim,), state_dtype),
         optional(initial_state, (batch, dim, A.shape[1]), state_dtype),
     )
@@ -217,7 +229,7 @@ def _backward(ctx, dout, dh_T, _dcheckpoints, _dy_pregate):
     u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, y_pregate = ctx.saved_tensors
     delta_softplus, chunk_size, deterministic, backend = ctx.options
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _selective_scan_bwd(
-        dout.contiguous(),
+        dout,
         dh_T.contiguous(),
         u,
         delta,
@@ -253,6 +265,7 @@ def _backward(ctx, dout, dh_T, _dcheckpoints, _dy_pregate):
 
 
 torch.library.register_autograd("arcee_scan::selective_scan_fwd", _backward, setup_context=_setup_context)
+_numba_available()
 
 
 def _default_chunk_size(backend: str, u: Tensor, A: Tensor) -> int:
@@ -388,8 +401,10 @@ def selective_scan(
     else:
         if backend == "torch" and delta_softplus:
             # the torch backend would run softplus twice, in the forward and in the recomputing backward;
-            # outside the op autograd runs it once and keeps what its backward needs
-            delta = softplus(biased_delta(delta, delta_bias, compute_dtype(u)))
+            # outside the op autograd runs it once and keeps what its backward needs. Contiguous, so that
+            # softplus's backward never mixes layouts (its fake and real output strides then differ under
+            # torch.compile when the mixer's delta is a time-major view)
+            delta = softplus(biased_delta(delta, delta_bias, compute_dtype(u)).contiguous())
             delta_bias, delta_softplus = None, False
         y, h_T, _, _ = _selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, chunk_size,

@@ -250,12 +250,12 @@ def _forward_kernel(
 ):  # fmt: skip
     """out = y * silu(z) (or y), y_pregate = y when ``gated``, h_T and the checkpoints.
 
-    u, delta, z: (b, d, L); delta_bias, D: (d,); A_log2: (d, Np) A * log2(e), padded with 0; B, C: (b, G,
-    L, Np) time-major, padded with 0; h0: (b, d, N); blocks: (n, 3) rows (group, first channel, end
-    channel). Scratch, a row per work item: step_row (., L), the channel's step; state (., LANES), one tile
-    of h; y_lanes (., L, LANES), ``C h`` by lane.
+    u, delta, z, out, y_pregate: (b, L, d), time-major; delta_bias, D: (d,); A_log2: (d, Np) A * log2(e),
+    padded with 0; B, C: (b, G, L, Np) time-major, padded with 0; h0: (b, d, N); blocks: (n, 3) rows
+    (group, first channel, end channel). Scratch, a row per work item: step_row (., L), the channel's
+    step; state (., LANES), one tile of h; y_lanes (., L, LANES), ``C h`` by lane.
     """
-    batch, _, length = u.shape
+    batch, length, _ = u.shape
     padded = np.uint64(A_log2.shape[1])
     d_state = np.uint64(h_T.shape[2])
     n_blocks = blocks.shape[0]
@@ -267,10 +267,10 @@ def _forward_kernel(
             bias = delta_bias[d]
             if delta_softplus:
                 for t in range(length):
-                    step_row[item, t] = _softplus(delta[b, d, t] + bias)
+                    step_row[item, t] = _softplus(delta[b, t, d] + bias)
             else:
                 for t in range(length):
-                    step_row[item, t] = delta[b, d, t] + bias
+                    step_row[item, t] = delta[b, t, d] + bias
             for t in range(length):
                 for j in range(_LANES_U):
                     y_lanes[item, t, j] = 0.0
@@ -285,7 +285,7 @@ def _forward_kernel(
                         for j in range(in_state):
                             checkpoints[b, d, t // chunk_size, n0 + j] = state[item, j]
                     step = step_row[item, t]
-                    drive = step * u[b, d, t]
+                    drive = step * u[b, t, d]
                     for j in range(_LANES_U):
                         n = n0 + j
                         h = _exp2(step * A_log2[d, n]) * state[item, j] + drive * B[b, g, t, n]
@@ -295,19 +295,19 @@ def _forward_kernel(
                     h_T[b, d, n0 + j] = state[item, j]
             skip = D[d]
             for t in range(length):
-                y = skip * u[b, d, t]
+                y = skip * u[b, t, d]
                 for j in range(_LANES_U):
                     y += y_lanes[item, t, j]
                 step_row[item, t] = y  # the step is no longer needed
             if gated:
                 for t in range(length):
                     y = step_row[item, t]
-                    gate = z[b, d, t]
-                    y_pregate[b, d, t] = y
-                    out[b, d, t] = y * gate * _sigmoid(gate)
+                    gate = z[b, t, d]
+                    y_pregate[b, t, d] = y
+                    out[b, t, d] = y * gate * _sigmoid(gate)
             else:
                 for t in range(length):
-                    out[b, d, t] = step_row[item, t]
+                    out[b, t, d] = step_row[item, t]
         _leave_flush_to_zero(control)
 
 
@@ -325,11 +325,12 @@ def _backward_kernel(
     h_tile (., LANES), the running state of the recomputation; states (., chunk + 1, LANES), one tile of
     the chunk's states (row 0 the state entering it, row i + 1 the state after its step i); decays (.,
     chunk, LANES); input_lanes, decay_lanes (., chunk, LANES), ``S = sum_n g B`` and
-    ``Q = sum_n g a h_{t-1} A`` by lane. Outputs: du, ddelta, dz (b, d, L); dh0 (b, d, N); parts summed
+    ``Q = sum_n g a h_{t-1} A`` by lane. The per-step arrays (dout, u, delta, z, y_pregate, du, ddelta, dz)
+    are time-major (b, L, d). Outputs: du, ddelta, dz; dh0 (b, d, N); parts summed
     afterwards: dA_parts (b, d, N) and channel_parts (b, d, 2) (dD, d delta_bias) over b, dB_parts /
     dC_parts (b, n_blocks, L, Np) over a group's blocks.
     """
-    batch, _, length = u.shape
+    batch, length, _ = u.shape
     padded = np.uint64(A_log2.shape[1])
     d_state = np.uint64(dh0.shape[2])
     n_blocks = blocks.shape[0]
@@ -347,19 +348,19 @@ def _backward_kernel(
             bias, skip = delta_bias[d], D[d]
             if delta_softplus:
                 for t in range(length):
-                    step_row[item, t] = _softplus(delta[b, d, t] + bias)
+                    step_row[item, t] = _softplus(delta[b, t, d] + bias)
             else:
                 for t in range(length):
-                    step_row[item, t] = delta[b, d, t] + bias
+                    step_row[item, t] = delta[b, t, d] + bias
             if gated:
                 for t in range(length):
-                    gate = z[b, d, t]
+                    gate = z[b, t, d]
                     sig = _sigmoid(gate)
-                    dy_row[item, t] = dout[b, d, t] * gate * sig
-                    dz[b, d, t] = dout[b, d, t] * y_pregate[b, d, t] * sig * (_ONE + gate * (_ONE - sig))
+                    dy_row[item, t] = dout[b, t, d] * gate * sig
+                    dz[b, t, d] = dout[b, t, d] * y_pregate[b, t, d] * sig * (_ONE + gate * (_ONE - sig))
             else:
                 for t in range(length):
-                    dy_row[item, t] = dout[b, d, t]
+                    dy_row[item, t] = dout[b, t, d]
             for n in range(padded):
                 carry[item, n] = 0.0
                 dA_acc[item, n] = 0.0
@@ -385,7 +386,7 @@ def _backward_kernel(
                     for i in range(steps):
                         t = t0 + i
                         step = step_row[item, t]
-                        drive = step * u[b, d, t]
+                        drive = step * u[b, t, d]
                         grad_y = dy_row[item, t]
                         for j in range(_LANES_U):
                             n = n0 + j
@@ -400,7 +401,7 @@ def _backward_kernel(
                         i = steps - _U1 - k
                         t = t0 + i
                         step = step_row[item, t]
-                        drive = step * u[b, d, t]
+                        drive = step * u[b, t, d]
                         grad_y = dy_row[item, t]
                         for j in range(_LANES_U):
                             n = n0 + j
@@ -419,18 +420,18 @@ def _backward_kernel(
                     for j in range(_LANES_U):
                         input_sum += input_lanes[item, i, j]
                         decay_sum += decay_lanes[item, i, j]
-                    du[b, d, t] = skip * dy_row[item, t] + step_row[item, t] * input_sum
-                    ddelta[b, d, t] = u[b, d, t] * input_sum + decay_sum
+                    du[b, t, d] = skip * dy_row[item, t] + step_row[item, t] * input_sum
+                    ddelta[b, t, d] = u[b, t, d] * input_sum + decay_sum
             if delta_softplus:
                 # torch's softplus is linear above the threshold, so its derivative is exactly 1 there
                 for t in range(length):
-                    raw = delta[b, d, t] + bias
-                    ddelta[b, d, t] *= _ONE if raw > SOFTPLUS_THRESHOLD else _sigmoid(raw)
+                    raw = delta[b, t, d] + bias
+                    ddelta[b, t, d] *= _ONE if raw > SOFTPLUS_THRESHOLD else _sigmoid(raw)
             skip_grad = np.float32(0.0)
             bias_grad = np.float32(0.0)
             for t in range(length):
-                skip_grad += dy_row[item, t] * u[b, d, t]
-                bias_grad += ddelta[b, d, t]
+                skip_grad += dy_row[item, t] * u[b, t, d]
+                bias_grad += ddelta[b, t, d]
             channel_parts[b, d, 0] = skip_grad
             channel_parts[b, d, 1] = bias_grad
             for n in range(d_state):
@@ -500,32 +501,38 @@ def _channel_blocks(batch: int, dim: int, groups: int) -> tuple[np.ndarray, np.n
 
 
 class _Inputs:
-    """The kernels' arguments: numpy views in the compute dtype, (b, d, L) contiguous sequences, padded
-    time-major B/C and A, zeros for absent D / delta_bias, and the channel blocks."""
+    """The kernels' arguments: numpy views in the compute dtype, the per-step sequences as time-major
+    (b, L, d) buffers, B/C time-major and A padded to whole tiles, zeros for absent D / delta_bias, and the
+    channel blocks."""
 
     def __init__(self, u, delta, z, A, B, C, D, delta_bias):
         self.dtype = compute_dtype(u)
-        batch, dim, length = u.shape
+        self.batch, self.dim, self.length = u.shape
         self.d_state = A.shape[1]
         self.padded = math.ceil(self.d_state / LANES) * LANES
-        self.u_tensor = self.sequence(u)
-        self.u, self.delta = _array(self.u_tensor), _array(self.sequence(delta))
+        self.u_steps = self.steps(u)
+        self.u, self.delta = _array(self.u_steps), _array(self.steps(delta))
         # a stand-in when z is absent: the kernels take the same argument types either way
-        self.z = _array(self.sequence(z)) if z is not None else np.zeros((1, 1, 1), self.u.dtype)
-        self.delta_bias = self.per_channel(delta_bias, dim)
-        self.D = self.per_channel(D, dim)
+        self.z = _array(self.steps(z)) if z is not None else np.zeros((1, 1, 1), self.u.dtype)
+        self.delta_bias = self.per_channel(delta_bias)
+        self.D = self.per_channel(D)
         A = self.pad(A.to(self.dtype))
         self.A, self.A_log2 = _array(A), _array(A * LOG2_E)
         self.B = _array(self.pad(B.to(self.dtype).transpose(-1, -2)))  # (b, G, L, Np)
         self.C = _array(self.pad(C.to(self.dtype).transpose(-1, -2)))
-        self.blocks, self.first_block = _channel_blocks(batch, dim, B.shape[1])
-        self.items = batch * len(self.blocks)
+        self.blocks, self.first_block = _channel_blocks(self.batch, self.dim, B.shape[1])
+        self.items = self.batch * len(self.blocks)
 
-    def sequence(self, x: Tensor) -> Tensor:
-        return x.to(self.dtype).contiguous()
+    def steps(self, x: Tensor) -> Tensor:
+        """(b, d, L) -> its time-major (b, L, d) buffer in the compute dtype: no copy for a time-major view
+        (what the Mamba mixer passes)."""
+        return x.to(self.dtype).transpose(1, 2).contiguous()
 
-    def per_channel(self, x: Tensor | None, dim: int) -> np.ndarray:
-        return np.zeros(dim, self.u.dtype) if x is None else _array(x.to(self.dtype).contiguous())
+    def new_steps(self) -> Tensor:
+        return self.u_steps.new_empty(self.batch, self.length, self.dim)
+
+    def per_channel(self, x: Tensor | None) -> np.ndarray:
+        return np.zeros(self.dim, self.u.dtype) if x is None else _array(x.to(self.dtype).contiguous())
 
     def pad(self, x: Tensor) -> Tensor:
         """Pad the state axis (last) to ``padded``; no copy for a contiguous one that needs none, such as
@@ -542,6 +549,11 @@ def _array(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _sequence(steps: Tensor, dtype: torch.dtype) -> Tensor:
+    """A time-major (b, L, d) buffer as the (b, d, L) tensor of the contract, in ``dtype``."""
+    return steps.transpose(1, 2).to(dtype)
+
+
 def scan_forward(
     u: Tensor,
     delta: Tensor,
@@ -555,24 +567,25 @@ def scan_forward(
     initial_state: Tensor | None,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """See the backend contract in kernels/arcee_scan/interface.py."""
-    batch, dim, length = u.shape
+    """See the backend contract in kernels/arcee_scan/interface.py. ``out`` and ``y_pregate`` are
+    time-major: (b, d, L) views of (b, L, d) buffers."""
     with torch.no_grad():
         inputs = _Inputs(u, delta, z, A, B, C, D, delta_bias)
-        new = inputs.u_tensor.new_empty
-        out = new(batch, dim, length)
-        y_pregate = new(batch, dim, length) if z is not None else None
-        h_T = new(batch, dim, inputs.d_state)
-        checkpoints = new(batch, dim, math.ceil(length / chunk_size), inputs.d_state)
+        out = inputs.new_steps()
+        y_pregate = inputs.new_steps() if z is not None else out  # (not written without z)
+        new = inputs.u_steps.new_empty
+        h_T = new(inputs.batch, inputs.dim, inputs.d_state)
+        checkpoints = new(inputs.batch, inputs.dim, math.ceil(inputs.length / chunk_size), inputs.d_state)
         h0 = torch.zeros_like(h_T) if initial_state is None else initial_state.contiguous()
         _launch(
             _forward_kernel,
             inputs.u, inputs.delta, inputs.z, inputs.delta_bias, inputs.D, inputs.A_log2, inputs.B, inputs.C,
             _array(h0), delta_softplus, z is not None, chunk_size, inputs.blocks,
-            inputs.scratch(length), inputs.scratch(LANES), inputs.scratch(length, LANES),
-            _array(out), _array(out if y_pregate is None else y_pregate), _array(h_T), _array(checkpoints),
+            inputs.scratch(inputs.length), inputs.scratch(LANES), inputs.scratch(inputs.length, LANES),
+            *map(_array, (out, y_pregate, h_T, checkpoints)),
         )  # fmt: skip
-    return out.to(u.dtype), h_T, checkpoints, y_pregate
+    pregate = _sequence(y_pregate, inputs.dtype) if z is not None else None
+    return _sequence(out, u.dtype), h_T, checkpoints, pregate
 
 
 def scan_backward(
@@ -593,24 +606,30 @@ def scan_backward(
     chunk_size: int,
     deterministic: bool,
 ) -> tuple[Tensor | None, ...]:
-    """See the backend contract in kernels/arcee_scan/interface.py. Always deterministic (no atomics)."""
-    batch, dim, length = u.shape
+    """See the backend contract in kernels/arcee_scan/interface.py. Always deterministic (no atomics).
+    du, ddelta and dz are time-major like the forward's outputs; dB and dC are (b, G, N, L) views of
+    time-major (b, G, L, N) buffers."""
     groups = B.shape[1]
     with torch.no_grad():
         inputs = _Inputs(u, delta, z, A, B, C, D, delta_bias)
-        new = inputs.u_tensor.new_empty
-        d_state, padded, steps = inputs.d_state, inputs.padded, min(chunk_size, length)
-        dout = torch.zeros_like(inputs.u_tensor) if dout is None else inputs.sequence(dout)
+        batch, dim, length = inputs.batch, inputs.dim, inputs.length
+        d_state, padded = inputs.d_state, inputs.padded
+        new = inputs.u_steps.new_empty
+        dout = inputs.new_steps().zero_() if dout is None else inputs.steps(dout)
         dh_T = new(batch, dim, d_state).zero_() if dh_T is None else dh_T.contiguous()
-        y_pregate = inputs.z if y_pregate is None else _array(y_pregate.contiguous())
-        du, ddelta, dz = new(batch, dim, length), new(batch, dim, length), new(batch, dim, length)
+        # stand-ins without z: the kernel reads neither
+        y_pregate = inputs.steps(y_pregate) if z is not None else inputs.u_steps
+        du, ddelta = inputs.new_steps(), inputs.new_steps()
+        dz = inputs.new_steps() if z is not None else du
         dh0, dA_parts, channel_parts = new(batch, dim, d_state), new(batch, dim, d_state), new(batch, dim, 2)
         dB_parts = new(batch, len(inputs.blocks), length, padded)
         dC_parts = new(batch, len(inputs.blocks), length, padded)
+        steps = min(chunk_size, length)
         _launch(
             _backward_kernel,
-            _array(dout), _array(dh_T), inputs.u, inputs.delta, inputs.z, y_pregate, inputs.delta_bias,
-            inputs.D, inputs.A, inputs.A_log2, inputs.B, inputs.C, _array(checkpoints.contiguous()),
+            _array(dout), _array(dh_T), inputs.u, inputs.delta, inputs.z, _array(y_pregate),
+            inputs.delta_bias, inputs.D, inputs.A, inputs.A_log2, inputs.B, inputs.C,
+            _array(checkpoints.contiguous()),
             delta_softplus, z is not None, chunk_size, inputs.blocks,
             inputs.scratch(length), inputs.scratch(length), inputs.scratch(padded), inputs.scratch(padded),
             inputs.scratch(LANES), inputs.scratch(steps + 1, LANES), inputs.scratch(steps, LANES),
@@ -624,13 +643,112 @@ def scan_backward(
         for parts, total in ((dB_parts, dB), (dC_parts, dC)):
             _launch(_sum_block_parts, _array(parts), inputs.first_block, _array(total))
     return (
-        du.to(u.dtype),
-        ddelta.to(delta.dtype),
+        _sequence(du, u.dtype),
+        _sequence(ddelta, delta.dtype),
         dA,
-        dB.transpose(-1, -2).contiguous(),
-        dC.transpose(-1, -2).contiguous(),
+        dB.transpose(-1, -2),
+        dC.transpose(-1, -2),
         None if D is None else channel_sums[:, 0].contiguous(),
-        None if z is None else dz.to(z.dtype),
+        None if z is None else _sequence(dz, z.dtype),
         None if delta_bias is None else channel_sums[:, 1].contiguous(),
         None if initial_state is None else dh0,
     )
+
+
+# --- the Mamba mixer's causal depthwise convolution ----------------------------------------------------
+# Time-major like the scan's per-step arrays, so that the mixer's activations never change layout; the
+# channel loops are innermost and vectorise. One work item per sample; the weight and bias gradients are
+# summed per sample, then over the samples in order (deterministic whatever the thread count).
+
+
+@_jit_cached(fastmath=FASTMATH, nogil=True, inline="always")
+def _conv_step(x, weight, bias, b, t, pre):
+    """pre[b, e] = bias[e] + sum_k weight[k, e] x[b, t + k - (K - 1), e], the taps before t = 0 zero."""
+    width, channels = weight.shape
+    for e in range(channels):
+        pre[b, e] = bias[e]
+    for k in range(max(0, width - 1 - t), width):
+        s = t + k - (width - 1)
+        for e in range(channels):
+            pre[b, e] += weight[k, e] * x[b, s, e]
+
+
+@_jit_cached(parallel=True, fastmath=FASTMATH, nogil=True)
+def _conv_forward_kernel(x, weight, bias, silu, pre, out):
+    """out = silu(conv(x)) or conv(x). x, out: (b, L, E); weight: (K, E); bias: (E,); pre: (b, E)."""
+    batch, length, channels = x.shape
+    for b in prange(batch):
+        control = _enter_flush_to_zero()
+        for t in range(length):
+            _conv_step(x, weight, bias, b, t, pre)
+            if silu:
+                for e in range(channels):
+                    out[b, t, e] = pre[b, e] * _sigmoid(pre[b, e])
+            else:
+                for e in range(channels):
+                    out[b, t, e] = pre[b, e]
+        _leave_flush_to_zero(control)
+
+
+@_jit_cached(parallel=True, fastmath=FASTMATH, nogil=True)
+def _conv_backward_kernel(dout, x, weight, bias, silu, pre, dpre, dx, dweight_parts, dbias_parts):
+    """dx (b, L, E), and per sample dweight_parts (b, K, E), dbias_parts (b, E). Scratch: pre (b, E), dpre
+    (b, L, E), the gradient of the pre-activation."""
+    batch, length, channels = x.shape
+    width = weight.shape[0]
+    for b in prange(batch):
+        control = _enter_flush_to_zero()
+        for t in range(length):
+            if silu:
+                _conv_step(x, weight, bias, b, t, pre)
+                for e in range(channels):
+                    sig = _sigmoid(pre[b, e])
+                    dpre[b, t, e] = dout[b, t, e] * sig * (_ONE + pre[b, e] * (_ONE - sig))
+            else:
+                for e in range(channels):
+                    dpre[b, t, e] = dout[b, t, e]
+        for k in range(width):
+            for e in range(channels):
+                dweight_parts[b, k, e] = 0.0
+        for e in range(channels):
+            dbias_parts[b, e] = 0.0
+        for s in range(length):
+            for e in range(channels):
+                dx[b, s, e] = 0.0
+            for k in range(width):
+                t = s + (width - 1) - k  # the output step that reads x[s] through tap k
+                if t < length:
+                    for e in range(channels):
+                        dx[b, s, e] += weight[k, e] * dpre[b, t, e]
+                        dweight_parts[b, k, e] += dpre[b, t, e] * x[b, s, e]
+            for e in range(channels):
+                dbias_parts[b, e] += dpre[b, s, e]
+        _leave_flush_to_zero(control)
+
+
+def conv_forward(x: Tensor, weight: Tensor, bias: Tensor, silu: bool) -> Tensor:
+    """Causal depthwise convolution of time-major ``x`` (b, L, E) in its compute dtype: weight (K, E),
+    bias (E,), both contiguous in that dtype; SiLU after it when ``silu``."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    pre = x.new_empty(x.shape[0], x.shape[2])
+    _launch(_conv_forward_kernel, *map(_array, (x, weight, bias)), silu, *map(_array, (pre, out)))
+    return out
+
+
+def conv_backward(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, silu: bool) -> tuple[Tensor, ...]:
+    """dx (b, L, E), dweight (K, E), dbias (E,) of ``conv_forward``."""
+    dout, x = dout.contiguous(), x.contiguous()
+    batch, _, channels = x.shape
+    dx = torch.empty_like(x)
+    dweight_parts = x.new_empty(batch, weight.shape[0], channels)
+    dbias_parts = x.new_empty(batch, 1, channels)
+    _launch(
+        _conv_backward_kernel, *map(_array, (dout, x, weight, bias)), silu,
+        _array(x.new_empty(batch, channels)), _array(torch.empty_like(x)), _array(dx),
+        _array(dweight_parts), _array(dbias_parts[:, 0]),
+    )  # fmt: skip
+    dweight, dbias = x.new_empty(weight.shape), x.new_empty(1, channels)
+    _launch(_sum_over_batch, _array(dweight_parts), _array(dweight))
+    _launch(_sum_over_batch, _array(dbias_parts), _array(dbias))
+    return dx, dweight, dbias[0]

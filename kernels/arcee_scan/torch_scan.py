@@ -320,7 +320,7 @@ def scan_forward(
         out = y
         if z is not None:
             y_pregate = y
-            out = y * F.silu(z.to(dtype))
+            out = torch.mul(y, F.silu(z.to(dtype)), out=torch.empty_like(y))  # contiguous, like y
     return out.to(u.dtype), forward.h_final, forward.checkpoints, y_pregate
 
 
@@ -434,7 +434,10 @@ def scan_backward(
         else:
             dout, z_c = dout.to(dtype), z.to(dtype)
             torch.mul(dout, F.silu(z_c), out=dy)
-            dz = torch.ops.aten.silu_backward(dout * y_pregate, z_c).to(z.dtype)
+            # contiguous whatever z's strides, as the op's fake promises
+            dz = torch.ops.aten.silu_backward(dout * y_pregate, z_c).to(
+                z.dtype, memory_format=torch.contiguous_format
+            )
 
         if not checkpoints.is_contiguous():  # its memory is read in this backend's own order
             raise ValueError("checkpoints must be the contiguous tensor this backend's scan_forward returned")

@@ -7,6 +7,9 @@ import importlib
 import pytest
 import torch
 from scan_testing import assert_all_close, detached_copy, make_inputs, outputs_and_grads
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from arcee_scan import interface
 
 CPU_BACKENDS = ("torch", "numba")
 
@@ -122,22 +125,30 @@ def test_deterministic_mode_is_bitwise_repeatable(backend):
 
 
 @pytest.mark.parametrize("time_major", [False, True])
-def test_outputs_and_gradients_are_contiguous(backend, time_major):
-    # the op's fakes promise contiguous results whatever the inputs' strides; torch.compile relies on it
+def test_outputs_are_laid_out_as_the_fakes_say(backend, time_major):
+    # torch.compile plans with the fake implementations' strides, whatever the inputs' strides were
     module = importlib.import_module(f"arcee_scan.{backend}_scan")
     inputs = make_inputs(2, 12, 9, 4, 2, time_major=time_major)
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-    args = {name: inputs[name].detach() for name in names}
-    out, h_T, checkpoints, y_pregate = module.scan_forward(
-        *(args[name] for name in names[:8]), True, args["initial_state"], 4
-    )
-    grads = module.scan_backward(
-        torch.randn_like(out), torch.randn_like(h_T), *(args[name] for name in names[:8]), True,
-        args["initial_state"], checkpoints, y_pregate, 4, False,
-    )  # fmt: skip
-    assert out.is_contiguous() and y_pregate.is_contiguous()
-    for name, grad in zip(names, grads):
-        assert grad.is_contiguous(), name
+    args = [inputs[name].detach() for name in names]
+    real = module.scan_forward(*args[:8], True, args[8], 4)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(t) for t in args]
+        fake = interface._selective_scan_fwd(*fake_args[:8], True, fake_args[8], 4, False, backend)
+    for name, got, want in zip(("out", "h_T", "checkpoints", "y_pregate"), real, fake):
+        assert got.shape == want.shape and got.stride() == want.stride(), name
+    out, h_T, checkpoints, y_pregate = real
+    cotangents = [torch.randn_like(out), torch.randn_like(h_T)]
+    grads = module.scan_backward(*cotangents, *args[:8], True, args[8], checkpoints, y_pregate, 4, False)
+    with FakeTensorMode() as mode:
+        fake_bwd_args = [mode.from_tensor(t) for t in (*cotangents, *args, checkpoints, y_pregate)]
+        dout, dh_T, *inputs_fake, checkpoints_fake, y_pregate_fake = fake_bwd_args
+        fake_grads = interface._selective_scan_bwd(
+            dout, dh_T, *inputs_fake[:8], True, inputs_fake[8], checkpoints_fake, y_pregate_fake, 4, False,
+            backend,
+        )  # fmt: skip
+    for name, got, want in zip(names, grads, fake_grads):
+        assert got.shape == want.shape and got.stride() == want.stride(), name
 
 
 def test_flush_to_zero_is_left_as_it_was(backend):
