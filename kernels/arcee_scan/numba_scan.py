@@ -215,7 +215,8 @@ def _softplus_overload(x):
     def softplus_float32(x):
         # log(1 + e^x) = max(x, 0) + log1p(w), w = e^-|x| in (0, 1]; log1p(w) = 2 atanh(s) with
         # s = w / (2 + w) in (0, 1/3], and atanh(s) / s by a degree-4 polynomial in s^2 fitted to it (no
-        # cancellation for small w; relative error < 3e-7)
+        # cancellation for small w; relative error < 3e-7). No threshold is needed: above 20, log1p(w) <
+        # 3e-9 is below half an fp32 ulp of x, so the sum rounds to x exactly, as torch's threshold gives.
         w = _exp2(-abs(x) * np.float32(LOG2_E))
         s = w / (np.float32(2.0) + w)
         q = s * s
@@ -224,8 +225,7 @@ def _softplus_overload(x):
         p = p * q + np.float32(0.2001085)
         p = p * q + np.float32(0.33333206)
         p = p * q + np.float32(1.0)
-        smooth = max(x, np.float32(0.0)) + np.float32(2.0) * s * p
-        return x if x > np.float32(SOFTPLUS_THRESHOLD) else smooth
+        return max(x, np.float32(0.0)) + np.float32(2.0) * s * p
 
     return softplus_float32
 
@@ -234,80 +234,102 @@ def _softplus_overload(x):
 
 # The kernels take no views and make no array aliases (no slices, no ``x = y`` of arrays): numba then marks
 # the parallel body's array arguments noalias, which LLVM needs to vectorise loops that load from some
-# arrays and store to others. Scratch buffers are therefore arguments too, one row per work item.
+# arrays and store to others. Scratch buffers are therefore arguments too, one row per thread
+# (``numba.get_thread_id()``), so their size does not grow with the batch.
 #
-# The state is walked one tile at a time, the time loop inside the tile loop: LLVM then keeps the tile's
-# state (and the backward's adjoint) in vector registers through the time loop, instead of a store and a
-# reload per step. Sums over the state (y, and the backward's S and Q) add up lane by lane over the tiles
-# and are reduced across the lanes once per step. The per-step elementwise work (bias and softplus, D, the
-# z gate and their gradients) runs in loops over time of their own, which vectorise across steps.
+# Within a work item the elementwise work on the per-step values (bias and softplus, D, the z gate, their
+# gradients) runs over (time, channel) with the channels innermost, where the time-major arrays are
+# contiguous, so it vectorises; the recurrences then run one channel at a time, reading the step sizes
+# from the (L, channels) scratch. A channel's state is walked one tile at a time, the time loop inside the
+# tile loop: LLVM keeps the tile's state (and the backward's adjoint) in vector registers through the time
+# loop, instead of a store and a reload per step. Sums over the state (y, and the backward's S and Q) add
+# up lane by lane over the tiles and are reduced across the lanes once per step.
+
+
+@_jit_cached(fastmath=FASTMATH, nogil=True, inline="always")
+def _steps_and_drives(u, delta, delta_bias, delta_softplus, b, c0, width, tid, row, step_rows, drive_rows):
+    """step_rows[tid, k, t] = the step of channel c0 + k (bias added, softplus taken), drive_rows = step * u.
+
+    Computed channel-innermost, where the time-major inputs are contiguous, into row[tid, 0] (a loop that
+    vectorises), then stored channel-major, the order the recurrences read them in, by a loop of its own
+    (strided stores in the same loop would stop LLVM from vectorising the arithmetic)."""
+    for t in range(u.shape[1]):
+        for k in range(width):
+            raw = delta[b, t, c0 + k] + delta_bias[c0 + k]
+            row[tid, 0, k] = _softplus(raw) if delta_softplus else raw
+        for k in range(width):
+            step_rows[tid, k, t] = row[tid, 0, k]
+            drive_rows[tid, k, t] = row[tid, 0, k] * u[b, t, c0 + k]
 
 
 @_jit_cached(parallel=True, fastmath=FASTMATH, nogil=True)
 def _forward_kernel(
     u, delta, z, delta_bias, D, A_log2, B, C, h0, delta_softplus, gated, chunk_size, blocks,
-    step_row, state, y_lanes, out, y_pregate, h_T, checkpoints,
+    row, step_rows, drive_rows, y_rows, state, y_lanes, out, y_pregate, h_T, checkpoints,
 ):  # fmt: skip
     """out = y * silu(z) (or y), y_pregate = y when ``gated``, h_T and the checkpoints.
 
     u, delta, z, out, y_pregate: (b, L, d), time-major; delta_bias, D: (d,); A_log2: (d, Np) A * log2(e),
     padded with 0; B, C: (b, G, L, Np) time-major, padded with 0; h0: (b, d, N); blocks: (n, 3) rows
-    (group, first channel, end channel). Scratch, a row per work item: step_row (., L), the channel's
-    step; state (., LANES), one tile of h; y_lanes (., L, LANES), ``C h`` by lane.
+    (group, first channel, end channel). Scratch, a row per thread: row (., 2, channels of a block), a
+    step's values of the item's channels; step_rows, drive_rows, y_rows (., channels of a block, L), the
+    steps, ``step * u`` and y of the item's channels; state (., LANES), one
+    tile of h; y_lanes (., L, LANES), ``C h`` by lane.
     """
     batch, length, _ = u.shape
     padded = np.uint64(A_log2.shape[1])
     d_state = np.uint64(h_T.shape[2])
     n_blocks = blocks.shape[0]
+    n_chunks = checkpoints.shape[2]
+    length_u = np.uint64(length)
     for item in prange(batch * n_blocks):
         control = _enter_flush_to_zero()
-        b, block = item // n_blocks, item % n_blocks
-        g, c0, c1 = blocks[block, 0], blocks[block, 1], blocks[block, 2]
-        for d in range(c0, c1):
-            bias = delta_bias[d]
-            if delta_softplus:
-                for t in range(length):
-                    step_row[item, t] = _softplus(delta[b, t, d] + bias)
-            else:
-                for t in range(length):
-                    step_row[item, t] = delta[b, t, d] + bias
+        tid = numba.get_thread_id()
+        b, block = np.uint64(item // n_blocks), np.uint64(item % n_blocks)
+        g, c0, c1 = np.uint64(blocks[block, 0]), np.uint64(blocks[block, 1]), np.uint64(blocks[block, 2])
+        width = c1 - c0
+        _steps_and_drives(u, delta, delta_bias, delta_softplus, b, c0, width, tid, row, step_rows, drive_rows)
+        for k in range(width):
+            d = c0 + k
             for t in range(length):
                 for j in range(_LANES_U):
-                    y_lanes[item, t, j] = 0.0
+                    y_lanes[tid, t, j] = 0.0
             for n0 in range(_U0, padded, _LANES_U):
                 in_state = min(_LANES_U, d_state - n0)  # the tile's lanes that are not padding
                 for j in range(_LANES_U):
-                    state[item, j] = 0.0
+                    state[tid, j] = 0.0
                 for j in range(in_state):
-                    state[item, j] = h0[b, d, n0 + j]
-                for t in range(length):
-                    if t % chunk_size == 0:
-                        for j in range(in_state):
-                            checkpoints[b, d, t // chunk_size, n0 + j] = state[item, j]
-                    step = step_row[item, t]
-                    drive = step * u[b, t, d]
-                    for j in range(_LANES_U):
-                        n = n0 + j
-                        h = _exp2(step * A_log2[d, n]) * state[item, j] + drive * B[b, g, t, n]
-                        state[item, j] = h
-                        y_lanes[item, t, j] += C[b, g, t, n] * h
+                    state[tid, j] = h0[b, d, n0 + j]
+                for chunk in range(n_chunks):
+                    for j in range(in_state):
+                        checkpoints[b, d, chunk, n0 + j] = state[tid, j]
+                    t0 = np.uint64(chunk * chunk_size)
+                    for t in range(t0, min(t0 + np.uint64(chunk_size), length_u)):
+                        step, drive = step_rows[tid, k, t], drive_rows[tid, k, t]
+                        for j in range(_LANES_U):
+                            n = n0 + j
+                            h = _exp2(step * A_log2[d, n]) * state[tid, j] + drive * B[b, g, t, n]
+                            state[tid, j] = h
+                            y_lanes[tid, t, j] += C[b, g, t, n] * h
                 for j in range(in_state):
-                    h_T[b, d, n0 + j] = state[item, j]
-            skip = D[d]
+                    h_T[b, d, n0 + j] = state[tid, j]
             for t in range(length):
-                y = skip * u[b, t, d]
+                y = np.float32(0.0)  # float32 0 keeps float64 kernels float64
                 for j in range(_LANES_U):
-                    y += y_lanes[item, t, j]
-                step_row[item, t] = y  # the step is no longer needed
+                    y += y_lanes[tid, t, j]
+                y_rows[tid, k, t] = y
+        for t in range(length):
+            for k in range(width):
+                row[tid, 0, k] = y_rows[tid, k, t]
             if gated:
-                for t in range(length):
-                    y = step_row[item, t]
-                    gate = z[b, t, d]
+                for k in range(width):
+                    d = c0 + k
+                    y, gate = row[tid, 0, k] + D[d] * u[b, t, d], z[b, t, d]
                     y_pregate[b, t, d] = y
                     out[b, t, d] = y * gate * _sigmoid(gate)
             else:
-                for t in range(length):
-                    out[b, t, d] = step_row[item, t]
+                for k in range(width):
+                    out[b, t, c0 + k] = row[tid, 0, k] + D[c0 + k] * u[b, t, c0 + k]
         _leave_flush_to_zero(control)
 
 
@@ -315,20 +337,22 @@ def _forward_kernel(
 def _backward_kernel(
     dout, dh_T, u, delta, z, y_pregate, delta_bias, D, A, A_log2, B, C, checkpoints,
     delta_softplus, gated, chunk_size, blocks,
-    step_row, dy_row, carry, dA_acc, h_tile, states, decays, input_lanes, decay_lanes,
-    du, ddelta, dz, dh0, dA_parts, channel_parts, dB_parts, dC_parts,
+    row, step_rows, drive_rows, dy_rows, input_rows, decay_rows, carry, dA_acc, h_tile, states, decays,
+    input_lanes, decay_lanes, du, ddelta, dz, dh0, dA_parts, channel_parts, dB_parts, dC_parts,
 ):  # fmt: skip
     """Gradients of every input from dout (of the output, after the gate) and dh_T.
 
-    Scratch, a row per work item: step_row, dy_row (., L), the channel's step and the gradient of its
-    pre-gate y; carry (., Np), a_{t+1} g_{t+1}, what flows into g_t from step t + 1; dA_acc (., Np);
-    h_tile (., LANES), the running state of the recomputation; states (., chunk + 1, LANES), one tile of
-    the chunk's states (row 0 the state entering it, row i + 1 the state after its step i); decays (.,
-    chunk, LANES); input_lanes, decay_lanes (., chunk, LANES), ``S = sum_n g B`` and
-    ``Q = sum_n g a h_{t-1} A`` by lane. The per-step arrays (dout, u, delta, z, y_pregate, du, ddelta, dz)
-    are time-major (b, L, d). Outputs: du, ddelta, dz; dh0 (b, d, N); parts summed
-    afterwards: dA_parts (b, d, N) and channel_parts (b, d, 2) (dD, d delta_bias) over b, dB_parts /
-    dC_parts (b, n_blocks, L, Np) over a group's blocks.
+    The per-step arrays (dout, u, delta, z, y_pregate, du, ddelta, dz) are time-major (b, L, d). Scratch, a
+    row per thread: row (., 2, channels of a block), a step's values of the item's channels; step_rows,
+    drive_rows, dy_rows, input_rows, decay_rows (., channels of a block, L): the
+    steps, ``step * u``, the gradient of the pre-gate y, ``S = sum_n g B`` and ``Q = sum_n g a h_{t-1} A``
+    of the item's channels;
+    carry (., Np), a_{t+1} g_{t+1}, what flows into g_t from step t + 1; dA_acc (., Np); h_tile (., LANES),
+    the running state of the recomputation; states (., chunk + 1, LANES), one tile of the chunk's states
+    (row 0 the state entering it, row i + 1 the state after its step i); decays (., chunk, LANES);
+    input_lanes, decay_lanes (., chunk, LANES), S and Q by lane. Outputs: du, ddelta, dz; dh0 (b, d, N);
+    parts summed afterwards: dA_parts (b, d, N) and channel_parts (b, 2, d) (dD, d delta_bias) over b,
+    dB_parts / dC_parts (b, n_blocks, L, Np) over a group's blocks.
     """
     batch, length, _ = u.shape
     padded = np.uint64(A_log2.shape[1])
@@ -338,105 +362,110 @@ def _backward_kernel(
     length_u = np.uint64(length)
     for item in prange(batch * n_blocks):
         control = _enter_flush_to_zero()
-        b, block = item // n_blocks, item % n_blocks
-        g, c0, c1 = blocks[block, 0], blocks[block, 1], blocks[block, 2]
+        tid = numba.get_thread_id()
+        b, block = np.uint64(item // n_blocks), np.uint64(item % n_blocks)
+        g, c0, c1 = np.uint64(blocks[block, 0]), np.uint64(blocks[block, 1]), np.uint64(blocks[block, 2])
+        width = c1 - c0
+        _steps_and_drives(u, delta, delta_bias, delta_softplus, b, c0, width, tid, row, step_rows, drive_rows)
         for t in range(length):
+            if gated:
+                for k in range(width):
+                    d = c0 + k
+                    gate = z[b, t, d]
+                    sig = _sigmoid(gate)
+                    row[tid, 0, k] = dout[b, t, d] * gate * sig
+                    dz[b, t, d] = dout[b, t, d] * y_pregate[b, t, d] * sig * (_ONE + gate * (_ONE - sig))
+            else:
+                for k in range(width):
+                    row[tid, 0, k] = dout[b, t, c0 + k]
+            for k in range(width):
+                dy_rows[tid, k, t] = row[tid, 0, k]
             for n in range(padded):
                 dB_parts[b, block, t, n] = 0.0
                 dC_parts[b, block, t, n] = 0.0
-        for d in range(c0, c1):
-            bias, skip = delta_bias[d], D[d]
-            if delta_softplus:
-                for t in range(length):
-                    step_row[item, t] = _softplus(delta[b, t, d] + bias)
-            else:
-                for t in range(length):
-                    step_row[item, t] = delta[b, t, d] + bias
-            if gated:
-                for t in range(length):
-                    gate = z[b, t, d]
-                    sig = _sigmoid(gate)
-                    dy_row[item, t] = dout[b, t, d] * gate * sig
-                    dz[b, t, d] = dout[b, t, d] * y_pregate[b, t, d] * sig * (_ONE + gate * (_ONE - sig))
-            else:
-                for t in range(length):
-                    dy_row[item, t] = dout[b, t, d]
+        for k in range(width):
+            d = c0 + k
             for n in range(padded):
-                carry[item, n] = 0.0
-                dA_acc[item, n] = 0.0
+                carry[tid, n] = 0.0
+                dA_acc[tid, n] = 0.0
             for n in range(d_state):
-                carry[item, n] = dh_T[b, d, n]
+                carry[tid, n] = dh_T[b, d, n]
             for chunk in range(n_chunks - 1, -1, -1):
                 t0 = np.uint64(chunk * chunk_size)
                 steps = min(np.uint64(chunk_size), length_u - t0)
                 for i in range(steps):
                     for j in range(_LANES_U):
-                        input_lanes[item, i, j] = 0.0
-                        decay_lanes[item, i, j] = 0.0
+                        input_lanes[tid, i, j] = 0.0
+                        decay_lanes[tid, i, j] = 0.0
                 for n0 in range(_U0, padded, _LANES_U):
                     # recompute the tile's states and decays from the chunk's checkpoint (the running state
                     # is read from h_tile, which LLVM keeps in registers, never from states), and dC
                     in_state = min(_LANES_U, d_state - n0)
                     for j in range(_LANES_U):
-                        h_tile[item, j] = 0.0
+                        h_tile[tid, j] = 0.0
                     for j in range(in_state):
-                        h_tile[item, j] = checkpoints[b, d, chunk, n0 + j]
+                        h_tile[tid, j] = checkpoints[b, d, chunk, n0 + j]
                     for j in range(_LANES_U):
-                        states[item, 0, j] = h_tile[item, j]
+                        states[tid, 0, j] = h_tile[tid, j]
                     for i in range(steps):
                         t = t0 + i
-                        step = step_row[item, t]
-                        drive = step * u[b, t, d]
-                        grad_y = dy_row[item, t]
+                        step, drive, grad_y = step_rows[tid, k, t], drive_rows[tid, k, t], dy_rows[tid, k, t]
                         for j in range(_LANES_U):
                             n = n0 + j
                             a = _exp2(step * A_log2[d, n])
-                            h = a * h_tile[item, j] + drive * B[b, g, t, n]
-                            h_tile[item, j] = h
-                            decays[item, i, j] = a
-                            states[item, i + _U1, j] = h
+                            h = a * h_tile[tid, j] + drive * B[b, g, t, n]
+                            h_tile[tid, j] = h
+                            decays[tid, i, j] = a
+                            states[tid, i + _U1, j] = h
                             dC_parts[b, block, t, n] += grad_y * h
                     # the adjoint through the chunk, last step first
-                    for k in range(steps):
-                        i = steps - _U1 - k
+                    for r in range(steps):
+                        i = steps - _U1 - r
                         t = t0 + i
-                        step = step_row[item, t]
-                        drive = step * u[b, t, d]
-                        grad_y = dy_row[item, t]
+                        step, drive, grad_y = step_rows[tid, k, t], drive_rows[tid, k, t], dy_rows[tid, k, t]
                         for j in range(_LANES_U):
                             n = n0 + j
-                            g_t = carry[item, n] + C[b, g, t, n] * grad_y
-                            a = decays[item, i, j]
-                            g_decayed = g_t * a * states[item, i, j]  # g_t a_t h_{t-1} = g_t (h_t - b_t)
+                            g_t = carry[tid, n] + C[b, g, t, n] * grad_y
+                            a = decays[tid, i, j]
+                            g_decayed = g_t * a * states[tid, i, j]  # g_t a_t h_{t-1} = g_t (h_t - b_t)
                             dB_parts[b, block, t, n] += g_t * drive
-                            input_lanes[item, i, j] += g_t * B[b, g, t, n]
-                            decay_lanes[item, i, j] += g_decayed * A[d, n]
-                            dA_acc[item, n] += g_decayed * step
-                            carry[item, n] = a * g_t
+                            input_lanes[tid, i, j] += g_t * B[b, g, t, n]
+                            decay_lanes[tid, i, j] += g_decayed * A[d, n]
+                            dA_acc[tid, n] += g_decayed * step
+                            carry[tid, n] = a * g_t
                 for i in range(steps):
-                    t = t0 + i
-                    input_sum = np.float32(0.0)  # sum_n g_t B_t (float32 0 keeps float64 kernels float64)
-                    decay_sum = np.float32(0.0)  # sum_n g_t a_t h_{t-1} A
+                    input_sum = np.float32(0.0)  # float32 0 keeps float64 kernels float64
+                    decay_sum = np.float32(0.0)
                     for j in range(_LANES_U):
-                        input_sum += input_lanes[item, i, j]
-                        decay_sum += decay_lanes[item, i, j]
-                    du[b, t, d] = skip * dy_row[item, t] + step_row[item, t] * input_sum
-                    ddelta[b, t, d] = u[b, t, d] * input_sum + decay_sum
-            if delta_softplus:
-                # torch's softplus is linear above the threshold, so its derivative is exactly 1 there
-                for t in range(length):
-                    raw = delta[b, t, d] + bias
-                    ddelta[b, t, d] *= _ONE if raw > SOFTPLUS_THRESHOLD else _sigmoid(raw)
-            skip_grad = np.float32(0.0)
-            bias_grad = np.float32(0.0)
-            for t in range(length):
-                skip_grad += dy_row[item, t] * u[b, t, d]
-                bias_grad += ddelta[b, t, d]
-            channel_parts[b, d, 0] = skip_grad
-            channel_parts[b, d, 1] = bias_grad
+                        input_sum += input_lanes[tid, i, j]
+                        decay_sum += decay_lanes[tid, i, j]
+                    input_rows[tid, k, t0 + i] = input_sum
+                    decay_rows[tid, k, t0 + i] = decay_sum
             for n in range(d_state):
-                dh0[b, d, n] = carry[item, n]
-                dA_parts[b, d, n] = dA_acc[item, n]
+                dh0[b, d, n] = carry[tid, n]
+                dA_parts[b, d, n] = dA_acc[tid, n]
+        for k in range(width):
+            channel_parts[b, 0, c0 + k] = 0.0
+            channel_parts[b, 1, c0 + k] = 0.0
+        for t in range(length):
+            for k in range(width):
+                row[tid, 0, k] = input_rows[tid, k, t]
+                row[tid, 1, k] = decay_rows[tid, k, t]
+            for k in range(width):
+                d = c0 + k
+                input_sum, x = row[tid, 0, k], u[b, t, d]
+                grad_y = dout[b, t, d] * z[b, t, d] * _sigmoid(z[b, t, d]) if gated else dout[b, t, d]
+                raw = delta[b, t, d] + delta_bias[d]
+                step = _softplus(raw) if delta_softplus else raw
+                du[b, t, d] = D[d] * grad_y + step * input_sum
+                grad_step = x * input_sum + row[tid, 1, k]
+                if delta_softplus:
+                    # torch's softplus is linear above the threshold, so its derivative is exactly 1 there
+                    raw = delta[b, t, d] + delta_bias[d]
+                    grad_step *= _ONE if raw > SOFTPLUS_THRESHOLD else _sigmoid(raw)
+                ddelta[b, t, d] = grad_step
+                channel_parts[b, 0, d] += grad_y * x
+                channel_parts[b, 1, d] += grad_step
         _leave_flush_to_zero(control)
 
 
@@ -521,7 +550,7 @@ class _Inputs:
         self.B = _array(self.pad(B.to(self.dtype).transpose(-1, -2)))  # (b, G, L, Np)
         self.C = _array(self.pad(C.to(self.dtype).transpose(-1, -2)))
         self.blocks, self.first_block = _channel_blocks(self.batch, self.dim, B.shape[1])
-        self.items = self.batch * len(self.blocks)
+        self.block_width = int((self.blocks[:, 2] - self.blocks[:, 1]).max())
 
     def steps(self, x: Tensor) -> Tensor:
         """(b, d, L) -> its time-major (b, L, d) buffer in the compute dtype: no copy for a time-major view
@@ -542,7 +571,15 @@ class _Inputs:
         return x.contiguous()
 
     def scratch(self, *shape: int) -> np.ndarray:
-        return np.empty((self.items, *shape), self.u.dtype)
+        """A scratch buffer with a row per thread the kernels may run on."""
+        return np.empty((numba.config.NUMBA_NUM_THREADS, *shape), self.u.dtype)
+
+    def channel_rows(self) -> np.ndarray:
+        """Scratch for a value per channel of a block and step, a row per thread. The rows are a
+        cache line longer than a power of two: the time-major passes write and read them a column at a
+        time, and rows 2**k bytes apart all fall into the same few sets of the L1 cache."""
+        row = self.length + (LANES if self.length & (self.length - 1) == 0 else 0)
+        return self.scratch(self.block_width, row)
 
 
 def _array(t: Tensor) -> np.ndarray:
@@ -581,7 +618,8 @@ def scan_forward(
             _forward_kernel,
             inputs.u, inputs.delta, inputs.z, inputs.delta_bias, inputs.D, inputs.A_log2, inputs.B, inputs.C,
             _array(h0), delta_softplus, z is not None, chunk_size, inputs.blocks,
-            inputs.scratch(inputs.length), inputs.scratch(LANES), inputs.scratch(inputs.length, LANES),
+            inputs.scratch(2, inputs.block_width), *(inputs.channel_rows() for _ in range(3)),
+            inputs.scratch(LANES), inputs.scratch(inputs.length, LANES),
             *map(_array, (out, y_pregate, h_T, checkpoints)),
         )  # fmt: skip
     pregate = _sequence(y_pregate, inputs.dtype) if z is not None else None
@@ -621,7 +659,7 @@ def scan_backward(
         y_pregate = inputs.steps(y_pregate) if z is not None else inputs.u_steps
         du, ddelta = inputs.new_steps(), inputs.new_steps()
         dz = inputs.new_steps() if z is not None else du
-        dh0, dA_parts, channel_parts = new(batch, dim, d_state), new(batch, dim, d_state), new(batch, dim, 2)
+        dh0, dA_parts, channel_parts = new(batch, dim, d_state), new(batch, dim, d_state), new(batch, 2, dim)
         dB_parts = new(batch, len(inputs.blocks), length, padded)
         dC_parts = new(batch, len(inputs.blocks), length, padded)
         steps = min(chunk_size, length)
@@ -630,13 +668,13 @@ def scan_backward(
             _array(dout), _array(dh_T), inputs.u, inputs.delta, inputs.z, _array(y_pregate),
             inputs.delta_bias, inputs.D, inputs.A, inputs.A_log2, inputs.B, inputs.C,
             _array(checkpoints.contiguous()),
-            delta_softplus, z is not None, chunk_size, inputs.blocks,
-            inputs.scratch(length), inputs.scratch(length), inputs.scratch(padded), inputs.scratch(padded),
-            inputs.scratch(LANES), inputs.scratch(steps + 1, LANES), inputs.scratch(steps, LANES),
-            inputs.scratch(steps, LANES), inputs.scratch(steps, LANES),
+            delta_softplus, z is not None, chunk_size, inputs.blocks, inputs.scratch(2, inputs.block_width),
+            *(inputs.channel_rows() for _ in range(5)), inputs.scratch(padded), inputs.scratch(padded),
+            inputs.scratch(LANES), inputs.scratch(steps + 1, LANES),
+            *(inputs.scratch(steps, LANES) for _ in range(3)),
             *map(_array, (du, ddelta, dz, dh0, dA_parts, channel_parts, dB_parts, dC_parts)),
         )  # fmt: skip
-        dA, channel_sums = new(dim, d_state), new(dim, 2)
+        dA, channel_sums = new(dim, d_state), new(2, dim)
         _launch(_sum_over_batch, _array(dA_parts), _array(dA))
         _launch(_sum_over_batch, _array(channel_parts), _array(channel_sums))
         dB, dC = new(batch, groups, length, d_state), new(batch, groups, length, d_state)
@@ -648,9 +686,9 @@ def scan_backward(
         dA,
         dB.transpose(-1, -2),
         dC.transpose(-1, -2),
-        None if D is None else channel_sums[:, 0].contiguous(),
+        None if D is None else channel_sums[0].clone(),  # (the op's outputs must not alias)
         None if z is None else _sequence(dz, z.dtype),
-        None if delta_bias is None else channel_sums[:, 1].contiguous(),
+        None if delta_bias is None else channel_sums[1].clone(),
         None if initial_state is None else dh0,
     )
 
