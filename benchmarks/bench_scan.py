@@ -42,25 +42,31 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return parts
 
 
-def make_inputs(shape, dtype: torch.dtype, device: str) -> dict:
+def make_inputs(shape, dtype: torch.dtype, device: str, layout: str = "time-major") -> dict:
     batch, dim, length, d_state = shape
     gen = torch.Generator(device=device).manual_seed(0)
 
     def randn(*size, dtype=dtype):
         return torch.randn(*size, generator=gen, device=device).to(dtype)
 
+    def sequence(channels: int) -> torch.Tensor:
+        # "time-major": (batch, channels, L) views of (batch, L, channels) buffers, the layout the Mamba
+        # mixer hands over (its linear layers' outputs); "channels-first": contiguous (batch, channels, L)
+        if layout == "time-major":
+            return randn(batch, length, channels).transpose(1, 2)
+        return randn(batch, channels, length)
+
     A = -torch.arange(1, d_state + 1, device=device, dtype=torch.float32).repeat(dim, 1)  # S4D-real
-    # time-major B/C views, the layout the Mamba mixer hands over
-    B = randn(batch, length, d_state).transpose(1, 2)
+    B = randn(batch, length, d_state).transpose(1, 2)  # B/C time-major in either layout, as in the mixer
     C = randn(batch, length, d_state).transpose(1, 2)
     return {
-        "u": randn(batch, dim, length),
-        "delta": randn(batch, dim, length) * 0.5 - 3.0,
+        "u": sequence(dim),
+        "delta": sequence(dim) * 0.5 - 3.0,
         "A": A,
         "B": B,
         "C": C,
         "D": randn(dim, dtype=torch.float32),
-        "z": randn(batch, dim, length),
+        "z": sequence(dim),
         "delta_bias": torch.rand(dim, generator=gen, device=device) * 0.3,
         "delta_softplus": True,
         "initial_state": randn(batch, dim, d_state, dtype=torch.float32),
@@ -118,9 +124,9 @@ def time_backends(
     }
 
 
-def peak_extra_mb(shape, dtype_name: str, backend: str, mode: str, device: str) -> float:
+def peak_extra_mb(shape, dtype_name: str, backend: str, mode: str, device: str, layout: str) -> float:
     if device == "cuda":
-        inputs = make_inputs(shape, DTYPES[dtype_name], device)
+        inputs = make_inputs(shape, DTYPES[dtype_name], device, layout)
         run_once(inputs, backend, mode)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -129,7 +135,8 @@ def peak_extra_mb(shape, dtype_name: str, backend: str, mode: str, device: str) 
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     # a fresh process per measurement: ru_maxrss is a lifetime high-water mark
-    command = [sys.executable, __file__, "--rss-probe", ",".join(map(str, shape)), dtype_name, backend, mode]
+    shape_text = ",".join(map(str, shape))
+    command = [sys.executable, __file__, "--rss-probe", shape_text, dtype_name, backend, mode, layout]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -139,11 +146,11 @@ def rss_high_water_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
-def rss_probe(shape_text: str, dtype_name: str, backend: str, mode: str) -> None:
+def rss_probe(shape_text: str, dtype_name: str, backend: str, mode: str, layout: str) -> None:
     torch.set_num_threads(1)
     # page in the code the op touches (libtorch kernels are loaded lazily) so it is not counted
-    run_once(make_inputs((1, 2, 3, 2), DTYPES[dtype_name], "cpu"), backend, mode)
-    inputs = make_inputs(parse_shape(shape_text), DTYPES[dtype_name], "cpu")
+    run_once(make_inputs((1, 2, 3, 2), DTYPES[dtype_name], "cpu", layout), backend, mode)
+    inputs = make_inputs(parse_shape(shape_text), DTYPES[dtype_name], "cpu", layout)
     # reset the high-water mark to the current RSS (ru_maxrss would also carry the parent's, across exec)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -210,7 +217,13 @@ def main() -> None:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--rss-probe", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--layout",
+        default="time-major",
+        choices=["time-major", "channels-first"],
+        help="u/delta/z as the mixer passes them (time-major views) or contiguous (batch, dim, L)",
+    )
+    parser.add_argument("--rss-probe", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_probe:
         rss_probe(*args.rss_probe)
@@ -225,7 +238,7 @@ def main() -> None:
     print_header()
     for shape in shapes:
         updates = shape[0] * shape[1] * shape[2] * shape[3]
-        inputs = make_inputs(shape, dtype, args.device)
+        inputs = make_inputs(shape, dtype, args.device, args.layout)
         timed = [b for b in backends if b != "reference" or updates <= args.reference_limit]
         for mode in args.modes:
             timings = time_backends(inputs, timed, mode, args.reps, args.device)
@@ -237,13 +250,14 @@ def main() -> None:
                     "backend": backend,
                     "mode": mode,
                     "dtype": args.dtype,
+                    "layout": args.layout,
                     "median_ms": round(median, 3),
                     "min_ms": round(best, 3),
                     "cpu_ms": round(cpu, 3),
                     "g_updates_per_s": round(updates / median / 1e6, 3),
                     "peak_extra_mb": None
                     if args.no_memory
-                    else round(peak_extra_mb(shape, args.dtype, backend, mode, args.device), 1),
+                    else round(peak_extra_mb(shape, args.dtype, backend, mode, args.device, args.layout), 1),
                     "speedup_vs_reference": round(reference[0] / median, 2) if reference else None,
                     "cpu_speedup_vs_reference": (
                         round(reference[2] / cpu, 2) if reference and cpu > 0 else None

@@ -283,7 +283,7 @@ def bench_step(args: argparse.Namespace) -> None:
     for text in args.shapes:
         shape = parse_shape(text)
         updates = shape[0] * shape[1] * shape[2] * shape[3]
-        inputs = make_inputs(shape, torch.bfloat16, "cuda")
+        inputs = make_inputs(shape, torch.bfloat16, "cuda", "channels-first")
         entry = {"shape": shape, "state_updates": updates, "results": {}}
         for name, knobs in variants.items():
             for mode in ("fwd", "fwd_bwd"):
@@ -346,7 +346,7 @@ def bench_step(args: argparse.Namespace) -> None:
         ("fwd_bwd", det | {"DETERMINISTIC_BACKWARD_TILE": 4096, "DETERMINISTIC_BACKWARD_NUM_WARPS": 4}),
     ]
     for text in args.sweep_shapes:
-        inputs = make_inputs(parse_shape(text), torch.bfloat16, "cuda")
+        inputs = make_inputs(parse_shape(text), torch.bfloat16, "cuda", "channels-first")
         for mode, config in sweep:
             tiles = {key: value for key, value in config.items() if key in defaults}
             for key, value in tiles.items():

@@ -59,7 +59,7 @@ class _CapturedLaunch:
 
 
 def placeholder_inputs(shape: tuple[int, int, int, int], dtype: torch.dtype) -> dict:
-    """Uninitialised inputs in bench_scan.py's layouts (time-major B/C views, every option on)."""
+    """Uninitialised inputs in bench_scan.py's channels-first layout (time-major B/C, every option on)."""
     batch, dim, length, d_state = shape
 
     def empty(*size, dtype=dtype):
