@@ -53,8 +53,8 @@ CELL_OPTIONS = ("seed", "scan_pattern", "num_scan_orders", "state_chain", "resum
 # options that do not change a cell's results, so a rerun may change them
 RUN_OPTIONS = (
     "output_dir", "logging_dir", "report_to", "checkpointing_steps", "checkpoints_total_limit",
-    "validation_steps", "eval_steps", "dataloader_num_workers", "cache_dir", "latent_cache_dir",
-    "vae_batch_size", "rows", "seeds", "jobs", "keep_checkpoints",
+    "checkpoint_at_steps", "validation_steps", "eval_steps", "dataloader_num_workers", "cache_dir",
+    "latent_cache_dir", "vae_batch_size", "rows", "seeds", "jobs", "keep_checkpoints",
 )  # fmt: skip
 GRID_FILE = "grid.json"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -69,16 +70,21 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None = None
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    total_limit: int | None = None,
+    keep_steps: Collection[int] = (),
 ) -> Path:
-    """``accelerator.save_state`` on every rank, made atomic; prunes to ``total_limit`` checkpoints."""
+    """``accelerator.save_state`` on every rank, made atomic; prunes to ``total_limit`` checkpoints, not
+    counting those of ``keep_steps``, which are never pruned."""
     root = Path(output_dir)
     final, partial = root / f"checkpoint-{step}", root / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
         for stale in root.glob(".checkpoint-*.partial"):
             shutil.rmtree(stale)
-        existing = [p for p in list_checkpoints(root) if p != final]
-        if total_limit is not None and len(existing) >= total_limit:
+        existing = [p for p in list_checkpoints(root) if p != final and checkpoint_step(p) not in keep_steps]
+        if total_limit is not None and step not in keep_steps and len(existing) >= total_limit:
             for old in existing[: len(existing) - total_limit + 1]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()

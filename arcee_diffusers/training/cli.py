@@ -141,6 +141,15 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
     group.add_argument("--checkpointing_steps", type=int)
     group.add_argument("--checkpoints_total_limit", type=int)
+    group.add_argument(
+        "--checkpoint_at_steps",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="STEP",
+        help="Also checkpoint after these updates and keep those checkpoints whatever "
+        "--checkpoints_total_limit (the paper's step-50000 checkpoint holds 50001 updates).",
+    )
     group.add_argument("--resume_from_checkpoint", help='A checkpoint folder or "latest".')
     group.add_argument("--validation_steps", type=int, help="Write and log a sample grid every N steps.")
     group.add_argument("--num_inference_steps", type=int, help="Euler steps of sample grids and evals.")
@@ -185,6 +194,8 @@ def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             setattr(args, key, value)
     if args.final_eval == "fid" and args.fid_reference_dir is None:
         parser.error("--final_eval fid needs --fid_reference_dir")
+    if any(step < 1 for step in args.checkpoint_at_steps):
+        parser.error(f"--checkpoint_at_steps takes update counts >= 1, got {args.checkpoint_at_steps}")
     if args.push_to_hub and args.hub_model_id is None:
         parser.error("--push_to_hub needs --hub_model_id")
     if args.guidance_scale is None:

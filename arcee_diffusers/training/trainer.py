@@ -221,7 +221,14 @@ def train(
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_fm", config={k: v for k, v in vars(args).items() if v is not None})
+        # tensorboard's hparams take numbers, strings and booleans only: lists (e.g. --checkpoint_at_steps)
+        # go as text
+        config = {
+            k: v if isinstance(v, int | float | str | bool) else str(v)
+            for k, v in vars(args).items()
+            if v is not None
+        }
+        accelerator.init_trackers("train_fm", config=config)
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"{len(train_data.dataset)} examples, {num_epochs} epochs, total batch {total_batch}, "
@@ -242,6 +249,8 @@ def train(
     batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
     path = get_flow_path(args.path)
+    # absent from the cell_args.json of a Table 2 grid process started before the option existed
+    keep_steps = getattr(args, "checkpoint_at_steps", [])
     progress = tqdm(
         range(args.max_train_steps),
         initial=global_step,
@@ -298,9 +307,9 @@ def train(
             if on_step is not None:
                 on_step(TrainStep(global_step, logs, x1, noise, t))
 
-            if global_step % args.checkpointing_steps == 0:
+            if global_step % args.checkpointing_steps == 0 or global_step in keep_steps:
                 checkpointing.save_checkpoint(
-                    accelerator, output_dir, global_step, args.checkpoints_total_limit
+                    accelerator, output_dir, global_step, args.checkpoints_total_limit, keep_steps
                 )
             validate = args.validation_steps and global_step % args.validation_steps == 0
             evaluate = args.eval_steps and global_step % args.eval_steps == 0

@@ -141,8 +141,8 @@ def test_rerun_skips_finished_cells(two_row_grid, monkeypatch):
 def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     save = checkpointing.save_checkpoint
 
-    def save_then_die(accelerator, output_dir, step, total_limit=None):
-        path = save(accelerator, output_dir, step, total_limit)
+    def save_then_die(accelerator, output_dir, step, *limits):
+        path = save(accelerator, output_dir, step, *limits)
         if step == 4:
             raise KeyboardInterrupt  # as if killed right after writing checkpoint-4
         return path

@@ -85,6 +85,16 @@ def test_resume_continues_from_latest_complete_checkpoint(run_training, image_fo
     assert not partial.exists()
 
 
+def test_checkpoint_at_steps_survives_the_total_limit(run_training, image_folder, tmp_path):
+    out = tmp_path / "out"
+    run_training(
+        out, "--train_data_dir", str(image_folder), "--max_train_steps", "5", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "1", "--checkpoint_at_steps", "3", "--report_to", "tensorboard",
+    )  # fmt: skip
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # a list option does not break the tracker
+
+
 def test_crash_during_save_leaves_no_checkpoint(train_fm, tmp_path):
     from accelerate import Accelerator
 
