@@ -20,7 +20,9 @@ import torch
 
 from arcee_diffusers.evaluation import compute_fid_kid, describe_solver, generate_samples, mean_model_calls
 from arcee_diffusers.evaluation.fid import load_feature_extractor
+from arcee_diffusers.models import ArceeZigmaTransformer
 from arcee_diffusers.pipelines.pipeline_arcee_zigma import ArceeZigmaPipeline
+from arcee_diffusers.schedulers.sampling import is_native_scheduler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pipeline", required=True, help="A saved pipeline folder or Hub repo id.")
     parser.add_argument("--variant", help='Weights variant, e.g. "raw" for the non-EMA weights.')
+    parser.add_argument(
+        "--transformer",
+        help="Score the transformer in this folder with the pipeline's other parts, e.g. a training "
+        "checkpoint's EMA weights (<run>/checkpoint-<step>/transformer_ema).",
+    )
     parser.add_argument("--reference_dir", required=True, help="Folder of real images.")
     parser.add_argument("--sample_dir", required=True, help="Where samples go (and are resumed from).")
     parser.add_argument("--num_samples", type=int, default=50_000)
@@ -38,17 +45,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--num_inference_steps", type=int, default=0, help="0: adaptive dopri5 (the paper's)."
     )
+    for name in ("atol", "rtol"):
+        parser.add_argument(
+            f"--{name}", type=float, help=f"dopri5's {name} (default: the pipeline scheduler's)."
+        )
+    parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA.")
     parser.add_argument("--feature_extractor", help='"module:function" returning a custom feature extractor.')
     parser.add_argument("--cache_dir", help="Reference-feature cache (default ~/.cache/arcee_diffusers).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output_json", help="Write the metrics here (they are always printed).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_inference_steps and (args.atol is not None or args.rtol is not None):
+        parser.error("--atol/--rtol are dopri5's tolerances: they need --num_inference_steps 0")
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:
-    pipeline = ArceeZigmaPipeline.from_pretrained(args.pipeline, variant=args.variant).to(args.device)
-    pipeline.set_progress_bar_config(disable=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    components = {}
+    if args.transformer:
+        components["transformer"] = ArceeZigmaTransformer.from_pretrained(args.transformer)
+    pipeline = ArceeZigmaPipeline.from_pretrained(args.pipeline, variant=args.variant, **components)
+    pipeline.to(args.device).set_progress_bar_config(disable=True)
     steps = args.num_inference_steps or None
+    tolerances = {name: getattr(args, name) for name in ("atol", "rtol") if getattr(args, name) is not None}
+    if tolerances:
+        if not is_native_scheduler(pipeline.scheduler):
+            scheduler = type(pipeline.scheduler).__name__
+            raise ValueError(f"--atol/--rtol need a FlowMatchGVPScheduler; the pipeline has {scheduler}")
+        pipeline.scheduler.register_to_config(**tolerances)
     samples = generate_samples(
         pipeline, args.sample_dir, args.num_samples, args.seed, args.guidance_scale, steps, args.batch_size
     )
@@ -56,7 +82,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.feature_extractor:
         extractor, name = load_feature_extractor(args.feature_extractor), args.feature_extractor
     metrics = compute_fid_kid(samples, args.reference_dir, extractor, name, args.cache_dir, args.device)
-    settings = ("variant", "num_samples", "seed", "guidance_scale")
+    settings = ("variant", "transformer", "num_samples", "seed", "guidance_scale")
     metrics.update(
         pipeline=str(args.pipeline),
         num_inference_steps=steps,

@@ -77,17 +77,26 @@ def test_generate_samples_resumes_without_repeating_seeds(pipeline, tmp_path):
         sampling.generate_samples(pipeline, folder, 8, seed=1, num_inference_steps=2)
 
 
-def test_eval_fid_script_offline(pipeline, tmp_path):
+@pytest.fixture(scope="module")
+def eval_fid():
     spec = importlib.util.spec_from_file_location("eval_fid", EVAL_SCRIPT)
-    eval_fid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_fid)
-    pipeline.save_pretrained(tmp_path / "pipe")
-    real = tmp_path / "real"
-    real.mkdir()
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def real(tmp_path):
+    folder = tmp_path / "real"
+    folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(10):
-        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(real / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
 
+
+def test_eval_fid_script_offline(eval_fid, pipeline, real, tmp_path):
+    pipeline.save_pretrained(tmp_path / "pipe")
     args = eval_fid.parse_args(
         [
             "--pipeline",
@@ -120,6 +129,35 @@ def test_eval_fid_script_offline(pipeline, tmp_path):
     assert len(list((tmp_path / "gen").glob("*.png"))) == 10
     with pytest.raises(ValueError, match="module:function"):
         eval_fid.load_feature_extractor("no_colon")
+
+
+def test_eval_fid_scores_another_transformer_at_given_tolerances(eval_fid, pipeline, real, tmp_path, capsys):
+    """--transformer swaps in other weights (e.g. a checkpoint's EMA); --atol/--rtol set dopri5's."""
+    pipeline.save_pretrained(tmp_path / "pipe")
+    other = tmp_path / "checkpoint-7" / "transformer_ema"
+    with torch.no_grad():
+        for p in pipeline.transformer.parameters():
+            p.mul_(-1)
+    pipeline.transformer.save_pretrained(other)
+
+    def run(name, *extra):
+        args = eval_fid.parse_args(
+            ["--pipeline", str(tmp_path / "pipe"), "--reference_dir", str(real), "--sample_dir",
+             str(tmp_path / name), "--num_samples", "4", "--feature_extractor",
+             "fid_test_extractors:mean_colour_extractor", "--cache_dir", str(tmp_path / "cache"),
+             "--device", "cpu", "--atol", "1e-4", "--rtol", "1e-2", *extra]
+        )  # fmt: skip
+        return eval_fid.main(args)
+
+    own, swapped = run("own"), run("swapped", "--transformer", str(other))
+    assert own["transformer"] is None and swapped["transformer"] == str(other)
+    assert swapped["solver"] == "dopri5 (adaptive, atol 0.0001, rtol 0.01)" and swapped["nfe"] >= 6
+    first = [read(tmp_path / name / "000000.png") for name in ("own", "swapped")]
+    assert not np.array_equal(*first)
+    with pytest.raises(SystemExit):
+        eval_fid.parse_args(["--pipeline", "p", "--reference_dir", "r", "--sample_dir", "s",
+                             "--num_inference_steps", "2", "--atol", "1e-4"])  # fmt: skip
+    assert "need --num_inference_steps 0" in capsys.readouterr().err
 
 
 def test_image_grid_has_a_gutter_between_tiles(tmp_path):
