@@ -17,8 +17,10 @@ def test_bench_scan_writes_a_row_per_backend_and_mode(tmp_path: Path) -> None:
     subprocess.run(command, check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
     rows = {(row["backend"], row["mode"]): row for row in result["results"]}
-    assert set(rows) == {(backend, mode) for backend in ("reference", "torch") for mode in ("fwd", "fwdbwd")}
+    backends = ("reference", "torch", "numba")
+    assert set(rows) == {(backend, mode) for backend in backends for mode in ("fwd", "fwdbwd")}
     for row in rows.values():
         assert row["median_ms"] > 0 and row["min_ms"] <= row["median_ms"]
         assert row["peak_extra_mb"] is not None and row["speedup_vs_reference"] > 0
+        assert row["layout"] == "time-major"
     assert result["environment"]["threads"] == 1
