@@ -55,7 +55,10 @@ LANES = 16  # state values per tile: one AVX-512 register of fp32
 _U0, _U1, _LANES_U = np.uint64(0), np.uint64(1), np.uint64(LANES)
 # float32 literals: a float64 one would promote float32 arithmetic to float64 (and float64 kernels stay so)
 _ONE = np.float32(1.0)
-MIN_WORK_ITEMS = 16  # channel blocks are cut until batch * blocks reaches this (parallel slack)
+# Channel blocks are cut until batch * blocks reaches this: parallel slack for a few threads. Each block
+# costs a dB/dC partial and short channel loops, so more is slower on one thread: at (2, 192, 256, 16),
+# 16 items took 1.6x as long as 4.
+MIN_WORK_ITEMS = 8
 CACHE_DIR_ENV_VAR = "ARCEE_SCAN_CACHE_DIR"
 LOG2_E = math.log2(math.e)
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # no nnan/ninf: inf and nan must propagate
@@ -337,7 +340,7 @@ def _forward_kernel(
 def _backward_kernel(
     dout, dh_T, u, delta, z, y_pregate, delta_bias, D, A, A_log2, B, C, checkpoints,
     delta_softplus, gated, chunk_size, blocks,
-    row, step_rows, drive_rows, dy_rows, input_rows, decay_rows, carry, dA_acc, h_tile, states, decays,
+    row, step_rows, drive_rows, dy_rows, input_rows, decay_rows, carry, dA_acc, h_tile, decays, decayed,
     input_lanes, decay_lanes, du, ddelta, dz, dh0, dA_parts, channel_parts, dB_parts, dC_parts,
 ):  # fmt: skip
     """Gradients of every input from dout (of the output, after the gate) and dh_T.
@@ -348,8 +351,8 @@ def _backward_kernel(
     steps, ``step * u``, the gradient of the pre-gate y, ``S = sum_n g B`` and ``Q = sum_n g a h_{t-1} A``
     of the item's channels;
     carry (., Np), a_{t+1} g_{t+1}, what flows into g_t from step t + 1; dA_acc (., Np); h_tile (., LANES),
-    the running state of the recomputation; states (., chunk + 1, LANES), one tile of the chunk's states
-    (row 0 the state entering it, row i + 1 the state after its step i); decays (., chunk, LANES);
+    the running state of the recomputation; decays, decayed (., chunk, LANES): one tile of the chunk's
+    a_t and a_t h_{t-1};
     input_lanes, decay_lanes (., chunk, LANES), S and Q by lane. Outputs: du, ddelta, dz; dh0 (b, d, N);
     parts summed afterwards: dA_parts (b, d, N) and channel_parts (b, 2, d) (dD, d delta_bias) over b,
     dB_parts / dC_parts (b, n_blocks, L, Np) over a group's blocks.
@@ -398,25 +401,24 @@ def _backward_kernel(
                         input_lanes[tid, i, j] = 0.0
                         decay_lanes[tid, i, j] = 0.0
                 for n0 in range(_U0, padded, _LANES_U):
-                    # recompute the tile's states and decays from the chunk's checkpoint (the running state
-                    # is read from h_tile, which LLVM keeps in registers, never from states), and dC
+                    # recompute the tile's decays a_t and decayed states a_t h_{t-1} = h_t - b_t from the
+                    # chunk's checkpoint (the running state is h_tile, which LLVM keeps in registers), and dC
                     in_state = min(_LANES_U, d_state - n0)
                     for j in range(_LANES_U):
                         h_tile[tid, j] = 0.0
                     for j in range(in_state):
                         h_tile[tid, j] = checkpoints[b, d, chunk, n0 + j]
-                    for j in range(_LANES_U):
-                        states[tid, 0, j] = h_tile[tid, j]
                     for i in range(steps):
                         t = t0 + i
                         step, drive, grad_y = step_rows[tid, k, t], drive_rows[tid, k, t], dy_rows[tid, k, t]
                         for j in range(_LANES_U):
                             n = n0 + j
                             a = _exp2(step * A_log2[d, n])
-                            h = a * h_tile[tid, j] + drive * B[b, g, t, n]
+                            a_h = a * h_tile[tid, j]
+                            h = a_h + drive * B[b, g, t, n]
                             h_tile[tid, j] = h
                             decays[tid, i, j] = a
-                            states[tid, i + _U1, j] = h
+                            decayed[tid, i, j] = a_h
                             dC_parts[b, block, t, n] += grad_y * h
                     # the adjoint through the chunk, last step first
                     for r in range(steps):
@@ -426,13 +428,12 @@ def _backward_kernel(
                         for j in range(_LANES_U):
                             n = n0 + j
                             g_t = carry[tid, n] + C[b, g, t, n] * grad_y
-                            a = decays[tid, i, j]
-                            g_decayed = g_t * a * states[tid, i, j]  # g_t a_t h_{t-1} = g_t (h_t - b_t)
+                            g_decayed = g_t * decayed[tid, i, j]
                             dB_parts[b, block, t, n] += g_t * drive
                             input_lanes[tid, i, j] += g_t * B[b, g, t, n]
                             decay_lanes[tid, i, j] += g_decayed * A[d, n]
                             dA_acc[tid, n] += g_decayed * step
-                            carry[tid, n] = a * g_t
+                            carry[tid, n] = decays[tid, i, j] * g_t
                 for i in range(steps):
                     input_sum = np.float32(0.0)  # float32 0 keeps float64 kernels float64
                     decay_sum = np.float32(0.0)
@@ -670,8 +671,7 @@ def scan_backward(
             _array(checkpoints.contiguous()),
             delta_softplus, z is not None, chunk_size, inputs.blocks, inputs.scratch(2, inputs.block_width),
             *(inputs.channel_rows() for _ in range(5)), inputs.scratch(padded), inputs.scratch(padded),
-            inputs.scratch(LANES), inputs.scratch(steps + 1, LANES),
-            *(inputs.scratch(steps, LANES) for _ in range(3)),
+            inputs.scratch(LANES), *(inputs.scratch(steps, LANES) for _ in range(4)),
             *map(_array, (du, ddelta, dz, dh0, dA_parts, channel_parts, dB_parts, dC_parts)),
         )  # fmt: skip
         dA, channel_sums = new(dim, d_state), new(2, dim)
