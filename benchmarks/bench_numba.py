@@ -1,0 +1,114 @@
+"""The numba backend's fixed costs: JIT compilation, the on-disk cache, and the threading layers.
+
+    python benchmarks/bench_numba.py --out docs/benchmarks/numba_cpu.json
+
+Every measurement runs in a fresh process (numba compiles once per process and keeps the result):
+
+- **compile**: the first forward+backward call with an empty cache folder (the JIT compiles every kernel
+  the call needs, and writes them to the cache), the same call once more in that process, then the first
+  call of a new process with that cache warm (numba loads the kernels from disk).
+- **threads**: forward+backward at ``--shape`` with numba's workqueue threading layer (the backend's
+  default: no OpenMP runtime needed, see kernels/arcee_scan/numba_scan.py) and with its OpenMP layer
+  where the machine has one, at 1 and 2 threads; medians of ``--reps`` calls after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+PROBE = """
+import json, statistics, sys, time
+start = time.perf_counter()
+import torch
+from bench_scan import make_inputs, parse_shape, run_once
+import arcee_scan.numba_scan
+import numba
+imported = time.perf_counter() - start
+shape, threads, reps = parse_shape(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+inputs = make_inputs(shape, torch.float32, "cpu")
+calls = []
+for _ in range(reps + 1):
+    start = time.perf_counter()
+    run_once(inputs, "numba", "fwdbwd")
+    calls.append(time.perf_counter() - start)
+print(json.dumps({"import_s": imported, "first_call_s": calls[0], "second_call_s": calls[1],
+                  "median_ms": 1e3 * statistics.median(calls[1:]), "layer": numba.threading_layer(),
+                  "numba_threads": numba.get_num_threads()}))
+"""
+
+
+def probe(shape: str, threads: int, reps: int, env: dict) -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, "-c", PROBE, shape, str(threads), str(reps)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, cwd=here)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compile-shape", default="2,24,40,16", help="batch,dim,L,N of the compile probe")
+    parser.add_argument("--shape", default="32,128,256,16", help="batch,dim,L,N of the threading probe")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+
+    with tempfile.TemporaryDirectory() as cache:
+        cache_env = {**env, "ARCEE_SCAN_CACHE_DIR": cache}
+        cold = probe(args.compile_shape, 1, 1, cache_env)
+        warm = probe(args.compile_shape, 1, 1, cache_env)
+    compile_rows = [
+        {"case": "empty cache: first call (JIT compile)", "seconds": cold.get("first_call_s")},
+        {"case": "empty cache: second call", "seconds": cold.get("second_call_s")},
+        {"case": "new process, warm cache: first call", "seconds": warm.get("first_call_s")},
+        {"case": "new process: import torch + arcee_scan + numba", "seconds": warm.get("import_s")},
+    ]
+    print(f"compile ({args.compile_shape}, forward + backward, float32)")
+    for row in compile_rows:
+        seconds = row["seconds"]
+        print(
+            f"  {row['case']:<48} {seconds:8.3f} s" if seconds is not None else f"  {row['case']:<48} failed"
+        )
+
+    thread_rows = []
+    print(f"\nthreads ({args.shape}, forward + backward, median of {args.reps})")
+    for layer in ("workqueue", "omp"):
+        for threads in (1, 2):
+            result = probe(args.shape, threads, args.reps, {**env, "NUMBA_THREADING_LAYER": layer})
+            thread_rows.append({"layer": layer, "threads": threads, **result})
+            if "error" in result:
+                print(f"  {layer:<10} {threads} thread(s): unavailable ({result['error'][:70]})")
+            else:
+                print(f"  {layer:<10} {threads} thread(s): {result['median_ms']:8.2f} ms")
+
+    if args.out:
+        environment = {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        }
+        result = {
+            "environment": environment,
+            "command": " ".join(sys.argv),
+            "compile": {"shape": args.compile_shape, "cold": cold, "warm": warm, "rows": compile_rows},
+            "threads": {"shape": args.shape, "rows": thread_rows},
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
