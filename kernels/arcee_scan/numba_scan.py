@@ -470,30 +470,35 @@ def _backward_kernel(
         _leave_flush_to_zero(control)
 
 
-@_jit_cached(parallel=True, fastmath=FASTMATH, nogil=True)
+# The sums of the per-item partials are small next to the scan: one thread, no parallel launch (whose fixed
+# cost, ~0.1 ms, is more than the work at small shapes); the innermost loops run along contiguous memory.
+
+
+@_jit_cached(fastmath=FASTMATH, nogil=True)
 def _sum_block_parts(parts, first_block, out):
     """out[b, g, t, n] = sum of parts[b, k, t, n] over group g's blocks k, in order; out is (b, G, L, N)."""
     batch, groups, length, d_state = out.shape
-    for item in prange(batch * groups):
-        b, g = item // groups, item % groups
-        for t in range(length):
-            for n in range(d_state):
-                total = parts[b, first_block[g], t, n]
+    for b in range(batch):
+        for g in range(groups):
+            for t in range(length):
+                for n in range(d_state):
+                    out[b, g, t, n] = parts[b, first_block[g], t, n]
                 for k in range(first_block[g] + 1, first_block[g + 1]):
-                    total += parts[b, k, t, n]
-                out[b, g, t, n] = total
+                    for n in range(d_state):
+                        out[b, g, t, n] += parts[b, k, t, n]
 
 
-@_jit_cached(parallel=True, fastmath=FASTMATH, nogil=True)
+@_jit_cached(fastmath=FASTMATH, nogil=True)
 def _sum_over_batch(parts, out):
     """out[d, n] = sum over b of parts[b, d, n], in order."""
     batch, dim, width = parts.shape
-    for d in prange(dim):
+    for d in range(dim):
         for n in range(width):
-            total = parts[0, d, n]
-            for b in range(1, batch):
-                total += parts[b, d, n]
-            out[d, n] = total
+            out[d, n] = parts[0, d, n]
+    for b in range(1, batch):
+        for d in range(dim):
+            for n in range(width):
+                out[d, n] += parts[b, d, n]
 
 
 # --- the backend contract ------------------------------------------------------------------------------
