@@ -503,20 +503,26 @@ def _sum_over_batch(parts, out):
 
 # --- the backend contract ------------------------------------------------------------------------------
 
-# numba's OpenMP threading layer sets the OpenMP thread count that torch reads: after one launch,
-# torch.get_num_threads() would no longer be what the user set. Unless the user picked a layer
-# ($NUMBA_THREADING_LAYER), the kernels use numba's own workqueue layer, which is present everywhere (no
-# OpenMP or TBB runtime needed) and fork-safe, but aborts the process when two threads launch parallel
-# kernels at once: one lock serialises the launches.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+# Threading layer: OpenMP first, where numba finds a runtime. It shares torch's OpenMP threads, so the
+# kernels and torch's own ops take turns on one pool: a training step of the 256-token digits model on two
+# threads took 47 ms with it against 67 ms with numba's own workqueue layer, whose threads compete with
+# torch's spinning ones (benchmarks/bench_numba.py). TBB next, workqueue (always present) last. A layer the
+# user picks ($NUMBA_THREADING_LAYER or $NUMBA_THREADING_LAYER_PRIORITY) wins. The workqueue layer aborts
+# the process when two threads launch parallel kernels at once, so launches are serialised by one lock.
+if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 _launch_lock = threading.Lock()
 
 
 def _launch(kernel, *args) -> None:
+    """Run a kernel on torch's thread count. numba's OpenMP layer sets the calling thread's OpenMP thread
+    count, the one torch.get_num_threads() reports, to numba's own at its first launch: it is put back."""
     with _launch_lock:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        threads = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         kernel(*args)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _channel_blocks(batch: int, dim: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
