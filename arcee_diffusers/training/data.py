@@ -141,6 +141,41 @@ def with_image_transform(
     return dataset.with_transform(apply)
 
 
+# A deterministic transform of a dataset this small is run once and kept as tensors (the digits: 0.5 MB)
+IN_MEMORY_BYTES = 256 * 2**20
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """Transformed images (and labels) held as tensors, items like :func:`with_image_transform`'s."""
+
+    def __init__(self, pixel_values: torch.Tensor, class_labels: torch.Tensor | None = None):
+        self.pixel_values, self.class_labels = pixel_values, class_labels
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"pixel_values": self.pixel_values[index]}
+        if self.class_labels is not None:
+            item["class_labels"] = int(self.class_labels[index])
+        return item
+
+
+def in_memory(dataset: datasets.Dataset, channels: int, resolution: int) -> torch.utils.data.Dataset:
+    """A dataset with a deterministic transform (:func:`with_image_transform`, center crop) as tensors,
+    when they fit in ``IN_MEMORY_BYTES``; else the dataset itself. Decoding and resizing every image at
+    every step cost a digits training step ~12 ms, a fifth of it."""
+    if len(dataset) * channels * resolution * resolution * 4 > IN_MEMORY_BYTES:
+        return dataset
+    pixels, labels = [], []
+    for start in range(0, len(dataset), 256):
+        batch = dataset[start : start + 256]
+        pixels += batch["pixel_values"]
+        labels += batch.get("class_labels", [])
+    class_labels = torch.tensor(labels, dtype=torch.long) if labels else None
+    return TensorImageDataset(torch.stack(pixels), class_labels)
+
+
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack tensors (``pixel_values`` or ``latents``) and turn ``class_labels`` into a long tensor."""
     return {

@@ -133,6 +133,8 @@ def build_train_dataset(args: argparse.Namespace, accelerator: Accelerator) -> T
     if args.vae is None:
         transform = data.image_transform(args.resolution, args.center_crop)
         dataset = data.with_image_transform(dataset, transform, args.image_column, label_column, mode)
+        if args.center_crop:  # a random crop must be drawn anew at every step
+            dataset = data.in_memory(dataset, len(mode), args.resolution)
         return TrainData(dataset, len(mode), args.resolution, num_classes)
 
     from diffusers import AutoencoderKL

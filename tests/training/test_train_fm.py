@@ -168,6 +168,23 @@ def test_image_transform_range_and_shape(image_folder):
     assert transform(grey).shape == (1, 4, 4)
 
 
+@pytest.mark.parametrize("labels", ["label", None])
+def test_in_memory_dataset_holds_the_same_items(image_folder, monkeypatch, labels):
+    from arcee_diffusers.training import data
+
+    dataset = data.load_train_dataset(train_data_dir=image_folder)
+    lazy = data.with_image_transform(dataset, data.image_transform(4), "image", labels, "RGB")
+    kept = data.in_memory(lazy, 3, 4)
+    assert isinstance(kept, data.TensorImageDataset) and len(kept) == len(lazy)
+    for index in (0, len(lazy) - 1):
+        want, got = lazy[index], kept[index]
+        assert want.keys() == got.keys()
+        assert torch.equal(got["pixel_values"], want["pixel_values"])
+        assert got.get("class_labels") == want.get("class_labels")
+    monkeypatch.setattr(data, "IN_MEMORY_BYTES", 3 * 4 * 4 * 4 * len(lazy) - 1)  # one byte too few
+    assert data.in_memory(lazy, 3, 4) is lazy
+
+
 def test_unconditional_digits_run_evaluates_at_guidance_1(run_training, tmp_path):
     out = tmp_path / "out"
     run_training(out, "--no-class_conditional", "--max_train_steps", "2", "--final_eval", "digits")
