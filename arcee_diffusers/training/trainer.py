@@ -193,6 +193,7 @@ def train(
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        foreach=True,  # torch's default on CUDA; on CPU it saves ~2 ms of per-tensor ops a digits step
     )
     # the loader's own generator keeps iterator creation from drawing on the global RNG, whose checkpointed
     # state must be the only source of the noise, times, flips and label dropout for resuming to be exact
