@@ -222,8 +222,12 @@ def _setup_context(ctx, inputs, output) -> None:
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size, deterministic, backend = (
         inputs
     )
-    _, _, checkpoints, y_pregate = output
+    out, h_T, checkpoints, y_pregate = output
     ctx.mark_non_differentiable(checkpoints, y_pregate)
+    # no zero-filled gradients for the outputs that get none (checkpoints, y_pregate, and h_T where the
+    # state is not chained on): allocating and filling them cost more than the small scans' own work
+    ctx.set_materialize_grads(False)
+    ctx.output_meta = ((out.shape, out.dtype), (h_T.shape, h_T.dtype))  # meta only: no reference cycle
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, y_pregate)
     ctx.options = (delta_softplus, chunk_size, deterministic, backend)
 
@@ -231,9 +235,10 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dout, dh_T, _dcheckpoints, _dy_pregate):
     u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, y_pregate = ctx.saved_tensors
     delta_softplus, chunk_size, deterministic, backend = ctx.options
+    (out_shape, out_dtype), (h_T_shape, h_T_dtype) = ctx.output_meta
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _selective_scan_bwd(
-        dout,
-        dh_T.contiguous(),
+        u.new_zeros(out_shape, dtype=out_dtype) if dout is None else dout,
+        u.new_zeros(h_T_shape, dtype=h_T_dtype) if dh_T is None else dh_T.contiguous(),
         u,
         delta,
         A,
