@@ -249,6 +249,21 @@ def _softplus_overload(x):
 # up lane by lane over the tiles and are reduced across the lanes once per step.
 
 
+@_jit_cached(nogil=True, inline="always")
+def _work_item(blocks, item):
+    """Work item ``item``'s sample, block, group, first channel and channel count, unsigned."""
+    n_blocks = blocks.shape[0]
+    block = item % n_blocks
+    first, end = blocks[block, 1], blocks[block, 2]
+    return (
+        np.uint64(item // n_blocks),
+        np.uint64(block),
+        np.uint64(blocks[block, 0]),
+        np.uint64(first),
+        np.uint64(end - first),
+    )
+
+
 @_jit_cached(fastmath=FASTMATH, nogil=True, inline="always")
 def _steps_and_drives(u, delta, delta_bias, delta_softplus, b, c0, width, tid, row, step_rows, drive_rows):
     """step_rows[tid, k, t] = the step of channel c0 + k (bias added, softplus taken), drive_rows = step * u.
@@ -276,8 +291,8 @@ def _forward_kernel(
     padded with 0; B, C: (b, G, L, Np) time-major, padded with 0; h0: (b, d, N); blocks: (n, 3) rows
     (group, first channel, end channel). Scratch, a row per thread: row (., 2, channels of a block), a
     step's values of the item's channels; step_rows, drive_rows, y_rows (., channels of a block, L), the
-    steps, ``step * u`` and y of the item's channels; state (., LANES), one
-    tile of h; y_lanes (., L, LANES), ``C h`` by lane.
+    steps, ``step * u`` and y of the item's channels; state (., LANES), one tile of h; y_lanes (., L,
+    LANES), ``C h`` by lane.
     """
     batch, length, _ = u.shape
     padded = np.uint64(A_log2.shape[1])
@@ -288,9 +303,7 @@ def _forward_kernel(
     for item in prange(batch * n_blocks):
         control = _enter_flush_to_zero()
         tid = numba.get_thread_id()
-        b, block = np.uint64(item // n_blocks), np.uint64(item % n_blocks)
-        g, c0, c1 = np.uint64(blocks[block, 0]), np.uint64(blocks[block, 1]), np.uint64(blocks[block, 2])
-        width = c1 - c0
+        b, block, g, c0, width = _work_item(blocks, item)
         _steps_and_drives(u, delta, delta_bias, delta_softplus, b, c0, width, tid, row, step_rows, drive_rows)
         for k in range(width):
             d = c0 + k
@@ -366,9 +379,7 @@ def _backward_kernel(
     for item in prange(batch * n_blocks):
         control = _enter_flush_to_zero()
         tid = numba.get_thread_id()
-        b, block = np.uint64(item // n_blocks), np.uint64(item % n_blocks)
-        g, c0, c1 = np.uint64(blocks[block, 0]), np.uint64(blocks[block, 1]), np.uint64(blocks[block, 2])
-        width = c1 - c0
+        b, block, g, c0, width = _work_item(blocks, item)
         _steps_and_drives(u, delta, delta_bias, delta_softplus, b, c0, width, tid, row, step_rows, drive_rows)
         for t in range(length):
             if gated:
