@@ -164,6 +164,74 @@ def _bits_to_float32(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _lane_sums_float32(typingctx, lanes, a0, a1, out, b0, b1, b2):
+    """out[b0, b1, b2 + i] = sum_j lanes[a0, a1 + i, j] for i < 16 (float32, LANES = 16), by a transpose-and-
+    add tree over the 16 rows: 15 vector adds and 30 shuffles for the 16 sums, where reducing each row on its
+    own takes four of each per row."""
+
+    def codegen(context, builder, signature, args):
+        def pointer(array_type, array, indices, index_types):
+            array = context.make_array(array_type)(context, builder, array)
+            indices = [context.cast(builder, i, t, types.intp) for i, t in zip(indices, index_types)]
+            return cgutils.get_item_pointer(context, builder, array_type, array, indices)
+
+        lanes_type, out_type = signature.args[0], signature.args[3]
+        zero = context.get_constant(types.intp, 0)
+        src = pointer(lanes_type, args[0], [args[1], args[2], zero], [*signature.args[1:3], types.intp])
+        dst = pointer(out_type, args[3], args[4:7], signature.args[4:7])
+        vector = ir.VectorType(ir.FloatType(), LANES)
+
+        def load_row(i):
+            row = builder.gep(src, [context.get_constant(types.intp, LANES * i)])
+            return builder.load(builder.bitcast(row, vector.as_pointer()), align=4)
+
+        rows = [load_row(i) for i in range(LANES)]
+        half = LANES // 2
+        while len(rows) > 1:
+            # pair up rows: the low and the high half of each 2*half-lane block of both, added, leave each
+            # input block's partial sums in a block of half lanes, in row order
+            low = [q * 2 * half + e for q in range(LANES // (2 * half)) for e in range(half)]
+            low += [LANES + x for x in low]
+            masks = [
+                ir.Constant(ir.VectorType(ir.IntType(32), LANES), [x + shift for x in low])
+                for shift in (0, half)
+            ]
+            rows = [
+                builder.fadd(*(builder.shuffle_vector(rows[r], rows[r + 1], mask) for mask in masks))
+                for r in range(0, len(rows), 2)
+            ]
+            half //= 2
+        builder.store(rows[0], builder.bitcast(dst, vector.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    # C-contiguous 3-d float32 arrays whose rows are LANES long (the kernels' scratch)
+    if lanes != out or lanes.dtype != types.float32 or lanes.ndim != 3 or lanes.layout != "C":
+        return None
+    return types.void(lanes, a0, a1, out, b0, b1, b2), codegen
+
+
+def _lane_sums(lanes, a0, a1, out, b0, b1, b2):
+    """out[b0, b1, b2 + i] = sum_j lanes[a0, a1 + i, j] for i < 16: sixteen sums over the lanes at once."""
+    for i in range(LANES):
+        out[b0, b1, b2 + i] = lanes[a0, a1 + i].sum()
+
+
+@overload(_lane_sums, inline="always")
+def _lane_sums_overload(lanes, a0, a1, out, b0, b1, b2):
+    if lanes.dtype == types.float32:
+        return lambda lanes, a0, a1, out, b0, b1, b2: _lane_sums_float32(lanes, a0, a1, out, b0, b1, b2)
+
+    def loop(lanes, a0, a1, out, b0, b1, b2):
+        for i in range(_LANES_U):
+            total = 0.0
+            for j in range(_LANES_U):
+                total += lanes[a0, a1 + i, j]
+            out[b0, b1, b2 + i] = total
+
+    return loop
+
+
 def _exp2(x):
     """2**x; a vectorisable polynomial for float32, numpy's exp2 for float64 (gradcheck precision)."""
     return np.exp2(x)
@@ -329,7 +397,10 @@ def _forward_kernel(
                             y_lanes[tid, t, j] += C[b, g, t, n] * h
                 for j in range(in_state):
                     h_T[b, d, n0 + j] = state[tid, j]
-            for t in range(length):
+            whole = length_u - length_u % _LANES_U
+            for t in range(_U0, whole, _LANES_U):
+                _lane_sums(y_lanes, tid, t, y_rows, tid, k, t)
+            for t in range(whole, length_u):
                 y = np.float32(0.0)  # float32 0 keeps float64 kernels float64
                 for j in range(_LANES_U):
                     y += y_lanes[tid, t, j]
@@ -445,7 +516,11 @@ def _backward_kernel(
                             decay_lanes[tid, i, j] += g_decayed * A[d, n]
                             dA_acc[tid, n] += g_decayed * step
                             carry[tid, n] = decays[tid, i, j] * g_t
-                for i in range(steps):
+                whole = steps - steps % _LANES_U
+                for i in range(_U0, whole, _LANES_U):
+                    _lane_sums(input_lanes, tid, i, input_rows, tid, k, t0 + i)
+                    _lane_sums(decay_lanes, tid, i, decay_rows, tid, k, t0 + i)
+                for i in range(whole, steps):
                     input_sum = np.float32(0.0)  # float32 0 keeps float64 kernels float64
                     decay_sum = np.float32(0.0)
                     for j in range(_LANES_U):

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numba
+import numpy as np
 import pytest
 import torch
 from scan_testing import make_inputs, outputs_and_grads
@@ -32,6 +33,22 @@ def test_channel_blocks_tile_each_group(batch, dim, groups):
     assert covered == list(range(dim))
     # enough work items for parallel slack, unless every channel is already its own block
     assert batch * len(blocks) >= min(numba_scan.MIN_WORK_ITEMS, batch * dim)
+
+
+@numba.njit
+def _call_lane_sums(lanes, out):
+    numba_scan._lane_sums(lanes, 1, 3, out, 1, 2, 5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lane_sums_are_the_row_sums_of_a_block(dtype):
+    # float32 takes the shuffle tree, float64 a loop; both write exactly the 16 sums asked for
+    lanes = np.random.default_rng(0).standard_normal((2, 21, numba_scan.LANES)).astype(dtype)
+    out = np.zeros((2, 3, 24), dtype)
+    _call_lane_sums(lanes, out)
+    np.testing.assert_allclose(out[1, 2, 5:21], lanes[1, 3:19].sum(axis=1), rtol=1e-6, atol=1e-6)
+    out[1, 2, 5:21] = 0
+    assert not out.any()
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two numba threads")
