@@ -223,11 +223,11 @@ def _lane_sums_overload(lanes, a0, a1, out, b0, b1, b2):
         return lambda lanes, a0, a1, out, b0, b1, b2: _lane_sums_float32(lanes, a0, a1, out, b0, b1, b2)
 
     def loop(lanes, a0, a1, out, b0, b1, b2):
+        # accumulated in place: a loop-local total sets off numba's pedantic SSA warning when inlined
         for i in range(_LANES_U):
-            total = 0.0
+            out[b0, b1, b2 + i] = 0.0
             for j in range(_LANES_U):
-                total += lanes[a0, a1 + i, j]
-            out[b0, b1, b2 + i] = total
+                out[b0, b1, b2 + i] += lanes[a0, a1 + i, j]
 
     return loop
 
