@@ -232,6 +232,20 @@ def _lane_sums_overload(lanes, a0, a1, out, b0, b1, b2):
     return loop
 
 
+@_jit_cached(fastmath=FASTMATH, nogil=True, inline="always")
+def _row_sums(lanes, tid, count, out, k, start):
+    """out[tid, k, start + i] = sum_j lanes[tid, i, j] for i < count: sixteen rows at a time by
+    ``_lane_sums``, the last ``count % 16`` one by one."""
+    whole = count - count % _LANES_U
+    for i in range(_U0, whole, _LANES_U):
+        _lane_sums(lanes, tid, i, out, tid, k, start + i)
+    for i in range(whole, count):
+        total = np.float32(0.0)  # float32 0 keeps float64 kernels float64
+        for j in range(_LANES_U):
+            total += lanes[tid, i, j]
+        out[tid, k, start + i] = total
+
+
 def _exp2(x):
     """2**x; a vectorisable polynomial for float32, numpy's exp2 for float64 (gradcheck precision)."""
     return np.exp2(x)
@@ -397,14 +411,7 @@ def _forward_kernel(
                             y_lanes[tid, t, j] += C[b, g, t, n] * h
                 for j in range(in_state):
                     h_T[b, d, n0 + j] = state[tid, j]
-            whole = length_u - length_u % _LANES_U
-            for t in range(_U0, whole, _LANES_U):
-                _lane_sums(y_lanes, tid, t, y_rows, tid, k, t)
-            for t in range(whole, length_u):
-                y = np.float32(0.0)  # float32 0 keeps float64 kernels float64
-                for j in range(_LANES_U):
-                    y += y_lanes[tid, t, j]
-                y_rows[tid, k, t] = y
+            _row_sums(y_lanes, tid, length_u, y_rows, k, _U0)
         for t in range(length):
             for k in range(width):
                 row[tid, 0, k] = y_rows[tid, k, t]
@@ -516,18 +523,8 @@ def _backward_kernel(
                             decay_lanes[tid, i, j] += g_decayed * A[d, n]
                             dA_acc[tid, n] += g_decayed * step
                             carry[tid, n] = decays[tid, i, j] * g_t
-                whole = steps - steps % _LANES_U
-                for i in range(_U0, whole, _LANES_U):
-                    _lane_sums(input_lanes, tid, i, input_rows, tid, k, t0 + i)
-                    _lane_sums(decay_lanes, tid, i, decay_rows, tid, k, t0 + i)
-                for i in range(whole, steps):
-                    input_sum = np.float32(0.0)  # float32 0 keeps float64 kernels float64
-                    decay_sum = np.float32(0.0)
-                    for j in range(_LANES_U):
-                        input_sum += input_lanes[tid, i, j]
-                        decay_sum += decay_lanes[tid, i, j]
-                    input_rows[tid, k, t0 + i] = input_sum
-                    decay_rows[tid, k, t0 + i] = decay_sum
+                _row_sums(input_lanes, tid, steps, input_rows, k, t0)
+                _row_sums(decay_lanes, tid, steps, decay_rows, k, t0)
             for n in range(d_state):
                 dh0[b, d, n] = carry[tid, n]
                 dA_parts[b, d, n] = dA_acc[tid, n]
