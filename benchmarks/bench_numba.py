@@ -7,9 +7,10 @@ Every measurement runs in a fresh process (numba compiles once per process and k
 - **compile**: the first forward+backward call with an empty cache folder (the JIT compiles every kernel
   the call needs, and writes them to the cache), the same call once more in that process, then the first
   call of a new process with that cache warm (numba loads the kernels from disk).
-- **threads**: forward+backward at ``--shape`` with numba's workqueue threading layer (the backend's
-  default: no OpenMP runtime needed, see kernels/arcee_scan/numba_scan.py) and with its OpenMP layer
-  where the machine has one, at 1 and 2 threads; medians of ``--reps`` calls after a warm-up.
+- **threads**: forward+backward at ``--shape`` with numba's OpenMP threading layer (the backend's first
+  choice where the machine has an OpenMP runtime, see kernels/arcee_scan/numba_scan.py) and with its
+  workqueue layer (the fallback, no runtime needed), at 1 and 2 threads; medians of ``--reps`` calls after
+  a warm-up.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 PROBE = """
 import json, statistics, sys, time
 start = time.perf_counter()
@@ -46,9 +48,8 @@ print(json.dumps({"import_s": imported, "first_call_s": calls[0], "second_call_s
 
 
 def probe(shape: str, threads: int, reps: int, env: dict) -> dict:
-    here = os.path.dirname(os.path.abspath(__file__))
     command = [sys.executable, "-c", PROBE, shape, str(threads), str(reps)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, cwd=here)
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, cwd=HERE)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -61,8 +62,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))}
 
     with tempfile.TemporaryDirectory() as cache:
         cache_env = {**env, "ARCEE_SCAN_CACHE_DIR": cache}
