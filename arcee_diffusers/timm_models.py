@@ -93,6 +93,9 @@ class ArceeZigma(nn.Module):
         d_conv: Kernel size of the mixers' causal depthwise convolution.
         expand: ``d_inner = expand * embed_dim``.
         drop_rate: Dropout before the classifier.
+        backward_dt_init: Initialisation of the bidirectional mixers' backward ``dt_proj_b``: ``"zero"``
+            (the published code's zero bias) or ``"mamba"`` (the forward direction's dt init), as in
+            ``ArceeZigmaTransformer``.
         scan_backend: Backend passed to ``arcee_scan.selective_scan`` (None = automatic).
     """
 
@@ -112,6 +115,7 @@ class ArceeZigma(nn.Module):
         d_conv: int = 4,
         expand: int = 2,
         drop_rate: float = 0.0,
+        backward_dt_init: str = "zero",
         scan_backend: str | None = None,
     ):
         super().__init__()
@@ -138,7 +142,7 @@ class ArceeZigma(nn.Module):
         self.conditioning = nn.Parameter(torch.zeros(1, embed_dim))
 
         self.blocks = build_mamba_blocks(
-            embed_dim, depth, self.grid_size, scan_pattern, num_scan_orders,
+            embed_dim, depth, self.grid_size, scan_pattern, num_scan_orders, backward_dt_init,
             d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend,
         )  # fmt: skip
         self.feature_info = [

@@ -23,11 +23,11 @@ import time
 
 def run_one(config: dict) -> dict:
     import torch
-    from diffusers.training_utils import EMAModel
 
     from arcee_diffusers.models import ArceeZigmaTransformer
     from arcee_diffusers.schedulers.flow_paths import get_flow_path
     from arcee_diffusers.training import flow_matching_loss, sample_flow_times
+    from arcee_diffusers.training.ema import create_ema
 
     device = torch.device(config["device"])
     torch.manual_seed(0)
@@ -37,8 +37,8 @@ def run_one(config: dict) -> dict:
         state_chain=config["state_chain"],
         d_state=config["d_state"],
     ).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0)
-    ema = EMAModel(model.parameters(), decay=0.9999)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0, foreach=True)  # as train_fm
+    ema = create_ema(model.parameters(), decay=0.9999)  # the paper recipe's constant EMA
     ema.to(device)
     path = get_flow_path("gvp")
     shape = (

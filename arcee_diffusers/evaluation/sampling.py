@@ -3,11 +3,13 @@
 Sample ``i`` always uses seed ``seed + i`` (its own ``torch.Generator``) and, for a class-conditional
 model, label ``i % num_classes``: a sample's content depends on its index only, never on the batch it was
 made in or on how often the run was interrupted. A resumed run lists the PNGs already written and makes only
-the missing indices; ``generation.json`` records the settings and a resume with different ones is refused.
+the missing indices; ``generation.json`` records the settings (the weights' digest and the solver among
+them) and a resume with different ones is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -115,6 +117,8 @@ def generate_samples(
         "seed": seed,
         "guidance_scale": guidance_scale,
         "num_inference_steps": num_inference_steps,
+        "solver": describe_solver(pipeline, num_inference_steps),
+        "weights": weights_digest(pipeline.transformer),
         "num_classes": pipeline.transformer.config.num_classes,
         "label_rule": "index % num_classes",
         "seed_rule": "seed + index",
@@ -145,6 +149,16 @@ def generate_samples(
         calls.update({str(index): count for index, count in zip(chunk, chunk_calls)})
         _write_atomically(calls_path, json.dumps(calls))
     return [sample_path(folder, i) for i in range(num_samples)]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short SHA-256 of ``model``'s state dict (names, dtypes, shapes and bytes): samples from other
+    weights, such as the raw ones instead of the EMA, never join a folder."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def describe_solver(pipeline, num_inference_steps: int | None) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MODEL_FOLDER = "transformer"
@@ -124,16 +126,19 @@ def register_model_hooks(accelerator: Accelerator, model_cls: type, ema: EMAMode
         weights.clear()
 
     def load_hook(models, input_dir):
+        names = []
         while models:
             loaded = model_cls.from_pretrained(input_dir, subfolder=MODEL_FOLDER)
+            names = [name for name, _ in loaded.named_parameters()]
             accelerator.unwrap_model(models.pop()).load_state_dict(loaded.state_dict())
         if ema is not None:
-            # EMAModel.save_pretrained stores its counters in the config next to the averaged weights
+            # EMAModel.save_pretrained stores its counters in the config next to the averaged weights; the
+            # weights are read by name (from_pretrained would warn that the counters are no model options)
             ema_dir = os.path.join(input_dir, EMA_FOLDER)
             config = model_cls.load_config(ema_dir)
             state = {key: config[key] for key in ema.state_dict() if key != "shadow_params"}
-            shadow = [p.detach() for p in model_cls.from_pretrained(ema_dir).parameters()]
-            ema.load_state_dict({**state, "shadow_params": shadow})
+            weights = load_file(os.path.join(ema_dir, SAFETENSORS_WEIGHTS_NAME))
+            ema.load_state_dict({**state, "shadow_params": [weights[name] for name in names]})
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
@@ -53,15 +54,19 @@ def encode_dataset(
 
 
 def load_or_encode(path: str | os.PathLike, encode: callable) -> dict[str, torch.Tensor]:
-    """Load ``path`` if present, else ``encode()`` and write it atomically (temp file, then rename)."""
+    """Load ``path`` if present, else ``encode()`` and write it atomically (temp file, then rename).
+
+    Under a lock file beside it: runs that share a cache folder (the recipes' rows) encode the data once,
+    the others wait for it and load it."""
     path = Path(path)
-    if path.exists():
-        return load_file(path)
-    cache = encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in cache.items()}, tmp)
-    os.replace(tmp, path)
+    with FileLock(path.with_name(f"{path.name}.lock")):
+        if path.exists():
+            return load_file(path)
+        cache = encode()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in cache.items()}, tmp)
+        os.replace(tmp, path)
     return cache
 
 

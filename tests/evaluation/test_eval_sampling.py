@@ -77,6 +77,21 @@ def test_generate_samples_resumes_without_repeating_seeds(pipeline, tmp_path):
         sampling.generate_samples(pipeline, folder, 8, seed=1, num_inference_steps=2)
 
 
+def test_a_sample_folder_refuses_other_weights_or_another_solver(pipeline, tmp_path):
+    folder = tmp_path / "samples"
+    sampling.generate_samples(pipeline, folder, 2, num_inference_steps=2)
+    with pytest.raises(ValueError, match="holds samples made with"):
+        sampling.generate_samples(pipeline, folder, 2, num_inference_steps=None)  # dopri5
+    pipeline.scheduler.register_to_config(solver="heun")
+    with pytest.raises(ValueError, match="heun"):
+        sampling.generate_samples(pipeline, folder, 2, num_inference_steps=2)
+    pipeline.scheduler.register_to_config(solver="euler")
+    with torch.no_grad():
+        pipeline.transformer.final_layer.linear.bias.add_(1e-3)
+    with pytest.raises(ValueError, match="weights"):
+        sampling.generate_samples(pipeline, folder, 2, num_inference_steps=2)
+
+
 @pytest.fixture(scope="module")
 def eval_fid():
     spec = importlib.util.spec_from_file_location("eval_fid", EVAL_SCRIPT)

@@ -345,11 +345,21 @@ def test_foreign_checkpoints_are_rejected(tmp_path):
         ({"img_size": "8"}, TypeError, "img_size"),
         ({"global_pool": "token"}, ValueError, "global_pool"),
         ({"num_scan_orders": 3}, ValueError, "num_scan_orders"),
+        ({"scan_pattern": "bidirectional", "backward_dt_init": "s4"}, ValueError, "backward_dt_init"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, argument):
     with pytest.raises(error, match=argument):
         ArceeZigma(**{**TINY_TIMM, **kwargs})
+
+
+def test_vision_mamba_backward_dt_init_matches_the_diffusers_model():
+    # the published zero bias by default (the timm init must not overwrite either choice)
+    default = ArceeZigma(**TINY_TIMM, scan_pattern="bidirectional").blocks[0].mixer
+    assert not default.dt_proj_b.bias.any() and default.dt_proj.bias.std() > 0
+    mamba = ArceeZigma(**TINY_TIMM, scan_pattern="bidirectional", backward_dt_init="mamba").blocks[0].mixer
+    dt = torch.nn.functional.softplus(mamba.dt_proj_b.bias)
+    assert dt.min() >= 1e-4 - 1e-9 and dt.max() <= 0.1 + 1e-6 and dt.std() > 0
 
 
 def test_bad_input_shape_raises():

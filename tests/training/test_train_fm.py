@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -67,6 +70,25 @@ def test_latent_run_encodes_the_dataset_once(run_training, image_folder, tiny_va
     assert pipe.transformer.config.sample_size == 4
     images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 8, 8, 3)
+
+
+def test_runs_sharing_a_latent_cache_encode_it_once(tmp_path):
+    # two runs (threads here, processes in practice) start on one empty cache file: one encodes, the other
+    # waits for the lock and loads what the first wrote
+    path, encodes, started = tmp_path / "cache" / "key.safetensors", [], threading.Barrier(2)
+
+    def encode():
+        encodes.append(threading.get_ident())
+        time.sleep(0.2)  # long enough for the other caller to reach the lock
+        return {"mean": torch.ones(2, 1, 1, 2, 2), "std": torch.ones(2, 1, 1, 2, 2)}
+
+    def run():
+        started.wait()
+        return latents.load_or_encode(path, encode)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: run(), range(2)))
+    assert len(encodes) == 1 and all(torch.equal(r["mean"], torch.ones(2, 1, 1, 2, 2)) for r in results)
 
 
 def test_resume_continues_from_latest_complete_checkpoint(run_training, image_folder, tmp_path):
