@@ -11,6 +11,9 @@ Every measurement runs in a fresh process (numba compiles once per process and k
   choice where the machine has an OpenMP runtime, see kernels/arcee_scan/numba_scan.py) and with its
   workqueue layer (the fallback, no runtime needed), at 1 and 2 threads; medians of ``--reps`` calls after
   a warm-up.
+- **start-up** (``--startup N``): ``train_scripts/train_fm.py --max_train_steps 30 --final_eval none``
+  (the README's main job, cut short) with an empty cache, with and without the background compile
+  (``$ARCEE_SCAN_BACKGROUND_COMPILE=0``), alternating, N runs each: seconds from start to exit.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_FM = os.path.join(os.path.dirname(HERE), "train_scripts", "train_fm.py")
 PROBE = """
 import json, statistics, sys, time
 start = time.perf_counter()
@@ -55,11 +59,23 @@ def probe(shape: str, threads: int, reps: int, env: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def startup(background: bool, env: dict) -> float | None:
+    """Seconds of a 30-step main job from an empty cache, the background compile on or off."""
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as output:
+        run_env = {**os.environ, **env, "ARCEE_SCAN_CACHE_DIR": cache}
+        run_env["ARCEE_SCAN_BACKGROUND_COMPILE"] = "1" if background else "0"
+        command = [sys.executable, TRAIN_FM, "--output_dir", output, "--max_train_steps", "30"]
+        start = time.perf_counter()
+        done = subprocess.run([*command, "--final_eval", "none"], capture_output=True, env=run_env)
+        return time.perf_counter() - start if done.returncode == 0 else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--compile-shape", default="2,24,40,16", help="batch,dim,L,N of the compile probe")
     parser.add_argument("--shape", default="32,128,256,16", help="batch,dim,L,N of the threading probe")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--startup", type=int, default=0, help="runs of the start-up probe, each way")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))}
@@ -92,6 +108,16 @@ def main() -> None:
             else:
                 print(f"  {layer:<10} {threads} thread(s): {result['median_ms']:8.2f} ms")
 
+    startup_rows = []
+    if args.startup:
+        print(f"\nstart-up (train_fm.py, 30 steps, empty cache; {args.startup} runs each way, alternating)")
+        for run in range(args.startup):
+            for background in (False, True):
+                seconds = startup(background, env)
+                startup_rows.append({"run": run, "background_compile": background, "seconds": seconds})
+                shown = f"{seconds:8.1f} s" if seconds is not None else "  failed"
+                print(f"  background compile {'on ' if background else 'off'}: {shown}")
+
     if args.out:
         environment = {
             "python": platform.python_version(),
@@ -103,6 +129,7 @@ def main() -> None:
             "command": " ".join(sys.argv),
             "compile": {"shape": args.compile_shape, "cold": cold, "warm": warm, "rows": compile_rows},
             "threads": {"shape": args.shape, "rows": thread_rows},
+            "startup": startup_rows,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         with open(args.out, "w") as f:

@@ -12,12 +12,17 @@ evaluation in arcee_diffusers/training/trainer.py.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-import time
+if __name__ == "__main__":  # the CPU scan's first compile runs in helper processes while the trainer imports
+    import arcee_scan
 
-from arcee_diffusers.training import cli, trainer
+    arcee_scan.compile_cpu_kernels_in_background()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from arcee_diffusers.training import cli, trainer  # noqa: E402
 
 START_TIME = time.perf_counter()
 

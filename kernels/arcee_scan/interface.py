@@ -46,10 +46,17 @@ from torch import Tensor
 from . import torch_scan
 from .reference import biased_delta, compute_dtype, selective_scan_reference, softplus
 
-__all__ = ["BACKENDS", "DEFAULT_CHUNK_SIZE", "resolve_backend", "selective_scan"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_CHUNK_SIZE",
+    "compile_cpu_kernels_in_background",
+    "resolve_backend",
+    "selective_scan",
+]
 
 BACKENDS = ("reference", "torch", "numba", "triton")
 BACKEND_ENV_VAR = "ARCEE_SCAN_BACKEND"
+BACKGROUND_COMPILE_ENV_VAR = "ARCEE_SCAN_BACKGROUND_COMPILE"
 DEFAULT_CHUNK_SIZE = 16
 # the numba kernels' per-chunk work (checkpoint stores, scratch set-up) is not worth repeating every 16
 # steps: 64 was fastest at (32, 128, 256, 16) and (2, 1536, 256, 256), and keeps 4x fewer checkpoints
@@ -97,6 +104,25 @@ def resolve_backend(backend: str | None, u: Tensor) -> str:
     if backend == "numba" and not u.is_cpu:
         raise ValueError(f"{source} 'numba' runs on CPU tensors only, got tensors on {u.device}")
     return backend
+
+
+def compile_cpu_kernels_in_background() -> bool:
+    """Start compiling the numba backend's kernels in helper processes, for a program that will run the scan
+    on CPU: its first call then waits for them instead of compiling for ~20 s on one core itself (see
+    ``arcee_scan.numba_scan.compile_in_background``). Call it early, before the program's slow imports.
+
+    Starts nothing, and returns False, where ``$ARCEE_SCAN_BACKGROUND_COMPILE`` is 0, where the CPU default is
+    not numba (numba missing, or ``$ARCEE_SCAN_BACKEND`` naming another backend), where CUDA is available, in
+    a launcher's processes other than each machine's first (``$LOCAL_RANK`` > 0), or when the kernels are
+    cached already.
+    """
+    if os.environ.get(BACKGROUND_COMPILE_ENV_VAR, "1") == "0":
+        return False
+    if os.environ.get(BACKEND_ENV_VAR, "numba") != "numba" or not _numba_available():
+        return False
+    if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return False
+    return _backend_module("numba").compile_in_background()
 
 
 def _backend_module(backend: str) -> ModuleType:

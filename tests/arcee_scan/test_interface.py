@@ -9,7 +9,7 @@ import torch
 from scan_testing import INPUT_NAMES, assert_all_close, detached_copy, make_inputs, outputs_and_grads
 
 import arcee_scan
-from arcee_scan import interface, resolve_backend, selective_scan
+from arcee_scan import interface, numba_scan, resolve_backend, selective_scan
 
 
 @pytest.mark.parametrize("backend", ["torch", "numba", "reference"])
@@ -200,8 +200,36 @@ def test_opcheck_custom_op(backend):
     torch.library.opcheck(torch.ops.arcee_scan.selective_scan_fwd.default, args)
 
 
+@pytest.mark.parametrize(
+    "env, cuda, expected",
+    [
+        ({}, False, True),
+        ({"ARCEE_SCAN_BACKGROUND_COMPILE": "0"}, False, False),
+        ({"ARCEE_SCAN_BACKEND": "torch"}, False, False),
+        ({"ARCEE_SCAN_BACKEND": "numba"}, False, True),
+        ({"LOCAL_RANK": "1"}, False, False),
+        ({"LOCAL_RANK": "0"}, False, True),
+        ({}, True, False),
+    ],
+)
+def test_background_compile_starts_only_for_a_cpu_numba_run(monkeypatch, env, cuda, expected):
+    for name in ("ARCEE_SCAN_BACKGROUND_COMPILE", "ARCEE_SCAN_BACKEND", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    started = []
+    monkeypatch.setattr(numba_scan, "compile_in_background", lambda: started.append(1) or True)
+    assert arcee_scan.compile_cpu_kernels_in_background() is expected
+    assert started == ([1] if expected else [])
+
+
 def test_package_exports():
-    assert set(arcee_scan.__all__) >= {"selective_scan", "selective_scan_reference"}
+    assert set(arcee_scan.__all__) >= {
+        "selective_scan",
+        "selective_scan_reference",
+        "compile_cpu_kernels_in_background",
+    }
 
 
 # --- bad input -----------------------------------------------------------------------------------------

@@ -123,6 +123,42 @@ def test_a_new_process_loads_the_compiled_kernels_from_disk(tmp_path):
     assert warm["seconds"] < cold["seconds"]
 
 
+BACKGROUND_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from arcee_scan import numba_scan
+    started = numba_scan.compile_in_background()
+    from arcee_diffusers.models import ArceeZigmaTransformer  # what a training run imports meanwhile
+    model = ArceeZigmaTransformer(sample_size=4, patch_size=1, in_channels=1, out_channels=1, num_layers=2,
+                                  hidden_size=16, d_state=int(sys.argv[1]), num_classes=3)
+    x, t, y = torch.randn(2, 1, 4, 4), torch.rand(2), torch.tensor([0, 2])
+    model(x, t, y).sample.square().mean().backward()
+    stats = {name: getattr(numba_scan, name).stats for name in numba_scan._KERNELS}
+    print(json.dumps({"started": started, **{name: [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
+                                             for name, s in stats.items()}}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_kernels_compiled_in_the_background_are_what_a_model_step_loads(tmp_path):
+    # a model's first training step finds every kernel it runs compiled by the helpers (a hit, no miss),
+    # at another d_state too (N is not part of the signature); a new process then starts no helpers
+    env = dict(os.environ, **{numba_scan.CACHE_DIR_ENV_VAR: str(tmp_path)})
+
+    def probe(d_state: int) -> dict:
+        command = [sys.executable, "-c", BACKGROUND_PROBE, str(d_state)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = probe(16), probe(40)
+    assert first.pop("started") and not second.pop("started")
+    for name, (hits, misses) in first.items():
+        assert hits >= 1 and misses == 0, name
+    assert all(misses == 0 for _, misses in second.values())
+
+
 def test_float64_runs_in_the_numba_kernels(monkeypatch):
     # float64 is compiled by numba too (gradcheck runs it), not handed to another backend
     launched = []
