@@ -64,9 +64,18 @@ def startup(background: bool, env: dict) -> float | None:
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as output:
         run_env = {**os.environ, **env, "ARCEE_SCAN_CACHE_DIR": cache}
         run_env["ARCEE_SCAN_BACKGROUND_COMPILE"] = "1" if background else "0"
-        command = [sys.executable, TRAIN_FM, "--output_dir", output, "--max_train_steps", "30"]
+        command = [
+            sys.executable,
+            TRAIN_FM,
+            "--output_dir",
+            output,
+            "--max_train_steps",
+            "30",
+            "--final_eval",
+            "none",
+        ]
         start = time.perf_counter()
-        done = subprocess.run([*command, "--final_eval", "none"], capture_output=True, env=run_env)
+        done = subprocess.run(command, capture_output=True, env=run_env)
         return time.perf_counter() - start if done.returncode == 0 else None
 
 

@@ -126,10 +126,8 @@ def register_model_hooks(accelerator: Accelerator, model_cls: type, ema: EMAMode
         weights.clear()
 
     def load_hook(models, input_dir):
-        names = []
-        while models:
-            loaded = model_cls.from_pretrained(input_dir, subfolder=MODEL_FOLDER)
-            names = [name for name, _ in loaded.named_parameters()]
+        loaded = model_cls.from_pretrained(input_dir, subfolder=MODEL_FOLDER)
+        while models:  # emptied: Accelerate would load them again otherwise
             accelerator.unwrap_model(models.pop()).load_state_dict(loaded.state_dict())
         if ema is not None:
             # EMAModel.save_pretrained stores its counters in the config next to the averaged weights; the
@@ -138,7 +136,8 @@ def register_model_hooks(accelerator: Accelerator, model_cls: type, ema: EMAMode
             config = model_cls.load_config(ema_dir)
             state = {key: config[key] for key in ema.state_dict() if key != "shadow_params"}
             weights = load_file(os.path.join(ema_dir, SAFETENSORS_WEIGHTS_NAME))
-            ema.load_state_dict({**state, "shadow_params": [weights[name] for name in names]})
+            shadow = [weights[name] for name, _ in loaded.named_parameters()]
+            ema.load_state_dict({**state, "shadow_params": shadow})
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -898,8 +898,8 @@ def conv_backward(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, silu: b
 # in) are compiled ahead; anything else compiles on first use, as without this.
 _WARM_UP_PARTS = ("forward", "backward")  # the two helpers' shares, the backward the larger
 _KERNELS = (
-    "_forward_kernel", "_backward_kernel", "_sum_over_batch", "_sum_block_parts",
-    "_conv_forward_kernel", "_conv_backward_kernel",
+    _forward_kernel, _backward_kernel, _sum_over_batch, _sum_block_parts, _conv_forward_kernel,
+    _conv_backward_kernel,
 )  # fmt: skip
 _background: list[subprocess.Popen] = []
 
@@ -924,8 +924,10 @@ def compile_in_background() -> bool:
 
 def _cached() -> bool:
     """Whether numba's cache folder has an index for every kernel (numba checks the signature on use)."""
-    folder = cache_dir()
-    return all(any(folder.rglob(f"{Path(__file__).stem}.{name}-*.nbi")) for name in _KERNELS)
+    return all(
+        any(Path(kernel.stats.cache_path).glob(f"{Path(__file__).stem}.{kernel.py_func.__name__}-*.nbi"))
+        for kernel in _KERNELS
+    )
 
 
 def _await_background_compile() -> None:

@@ -134,7 +134,7 @@ BACKGROUND_PROBE = textwrap.dedent(
                                   hidden_size=16, d_state=int(sys.argv[1]), num_classes=3)
     x, t, y = torch.randn(2, 1, 4, 4), torch.rand(2), torch.tensor([0, 2])
     model(x, t, y).sample.square().mean().backward()
-    stats = {name: getattr(numba_scan, name).stats for name in numba_scan._KERNELS}
+    stats = {kernel.py_func.__name__: kernel.stats for kernel in numba_scan._KERNELS}
     print(json.dumps({"started": started, **{name: [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
                                              for name, s in stats.items()}}))
     """
