@@ -7,7 +7,8 @@
 Rows: zigma-1 arcee-1 zigma-2 arcee-2 zigma-4 arcee-4 zigma-8 arcee-8 vim arcee-vim (--rows picks some).
 Every train_fm.py option (--max_train_steps, --train_batch_size, --learning_rate, --train_data_dir, --vae,
 ...) applies to every cell. Rerunning the command skips finished cells and resumes interrupted ones; the
-folder ends with results.json, results.md, samples/ and plots/ (see docs/reproduction.md).
+folder ends with results.json, results.md, samples/ and plots/ (see docs/reproduction.md); --from_results
+takes the cells of another folder's results.json as finished (a committed grid carried on elsewhere).
 """
 
 from __future__ import annotations

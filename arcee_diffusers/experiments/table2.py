@@ -11,7 +11,9 @@ A **tier** fixes the token grid: ``64`` (8×8 tokens; on the embedded digits 8×
 follows from the model input (pixels, or latents with ``--vae``) and the tier.
 
 ``<output_dir>/grid.json`` records the configuration; a rerun with another one is refused, a rerun with the
-same one skips finished cells and resumes interrupted ones from their latest checkpoint.
+same one skips finished cells and resumes interrupted ones from their latest checkpoint. ``--from_results``
+takes the finished cells of another folder's ``results.json`` (a published grid, say) as finished here, so a
+grid carries on from its committed results on a machine that has none of its cell folders.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -54,7 +57,7 @@ CELL_OPTIONS = ("seed", "scan_pattern", "num_scan_orders", "state_chain", "resum
 RUN_OPTIONS = (
     "output_dir", "logging_dir", "report_to", "checkpointing_steps", "checkpoints_total_limit",
     "checkpoint_at_steps", "validation_steps", "eval_steps", "dataloader_num_workers", "cache_dir",
-    "latent_cache_dir", "vae_batch_size", "rows", "seeds", "jobs", "keep_checkpoints",
+    "latent_cache_dir", "vae_batch_size", "rows", "seeds", "jobs", "keep_checkpoints", "from_results",
 )  # fmt: skip
 GRID_FILE = "grid.json"
 
@@ -93,6 +96,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--heldout_draws", type=int, default=4, help="(noise, t) draws per held-out image.")
     group.add_argument(
         "--keep_checkpoints", action="store_true", help="Keep finished cells' checkpoints (default: delete)."
+    )
+    group.add_argument(
+        "--from_results",
+        default=None,
+        help="results.json of a grid of the same configuration (say docs/reproduction/tier64/results.json): "
+        "its cells count as finished here and only the others run.",
     )
     parser.set_defaults(seed=None)  # --seeds instead; None tells that --seed was given
     return parser
@@ -161,25 +170,52 @@ def configuration(args: argparse.Namespace) -> dict:
     return {key: value for key, value in sorted(vars(args).items()) if key not in RUN_OPTIONS}
 
 
+def check_same_configuration(stored: dict, current: dict, where: str) -> None:
+    """Refuse a grid of another configuration, naming every option that differs."""
+    if stored == current:
+        return
+    changes = [
+        f"{key} {stored.get(key)!r} there, {current.get(key)!r} here"
+        for key in sorted(set(stored) | set(current))
+        if stored.get(key) != current.get(key)
+    ]
+    raise ValueError(
+        f"{where} holds a grid of another configuration ({'; '.join(changes)}); "
+        "use another --output_dir or the same options"
+    )
+
+
 def check_grid_folder(output_dir: Path, args: argparse.Namespace) -> None:
     """Write ``grid.json`` on the first run; refuse a folder that holds a grid of another configuration."""
     path = output_dir / GRID_FILE
     current = configuration(args)
     if path.exists():
         stored = json.loads(path.read_text())["configuration"]
-        if stored != current:
-            changes = [
-                f"{key} {stored.get(key)!r} there, {current.get(key)!r} here"
-                for key in sorted(set(stored) | set(current))
-                if stored.get(key) != current.get(key)
-            ]
-            raise ValueError(
-                f"output_dir {str(output_dir)!r} holds a grid of another configuration "
-                f"({'; '.join(changes)}); use another --output_dir or the same options"
-            )
+        check_same_configuration(stored, current, f"output_dir {str(output_dir)!r}")
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"configuration": current}, indent=2) + "\n")
+
+
+def import_finished_cells(results_path: str | Path, output_dir: Path, args: argparse.Namespace) -> None:
+    """Write each cell of another grid's ``results.json`` as a finished cell of ``output_dir`` (with its
+    row's sample grid where ``samples/<row>.png`` lies beside that file); cells finished here are kept."""
+    results_path = Path(results_path)
+    if not results_path.is_file():
+        raise ValueError(f"from_results: {str(results_path)!r} is not a file; expected a grid's results.json")
+    results = json.loads(results_path.read_text())
+    check_same_configuration(
+        results["configuration"], configuration(args), f"from_results {str(results_path)!r}"
+    )
+    for result in results["cells"]:
+        folder = cell.cell_dir(output_dir, result["row"], result["seed"])
+        if cell.is_finished(folder):
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        samples = results_path.parent / "samples" / f"{result['row']}.png"
+        if result["seed"] == results["rows"][result["row"]]["seeds"][0] and samples.is_file():
+            shutil.copyfile(samples, folder / "samples.png")  # the report shows each row's first seed
+        cell.write_atomically(folder / cell.RESULT_FILE, json.dumps(result, indent=2))
 
 
 def cell_args(grid_args: argparse.Namespace, row: str, seed: int) -> argparse.Namespace:
@@ -199,6 +235,8 @@ def run_grid(args: argparse.Namespace) -> dict:
     cell in the folder (so two invocations with disjoint ``--rows`` share one report); returns it."""
     output_dir = Path(args.output_dir)
     check_grid_folder(output_dir, args)
+    if args.from_results is not None:
+        import_finished_cells(args.from_results, output_dir, args)
     cells = [(row, seed) for row in args.rows for seed in args.seeds]
     todo = [(row, seed) for row, seed in cells if not cell.is_finished(cell.cell_dir(output_dir, row, seed))]
     progress = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells")

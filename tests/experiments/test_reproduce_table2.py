@@ -138,6 +138,30 @@ def test_rerun_skips_finished_cells(two_row_grid, monkeypatch):
     assert again["rows"] == results["rows"]
 
 
+def test_grid_carries_on_from_another_folders_results(two_row_grid, tmp_path, monkeypatch):
+    output_dir, results = two_row_grid
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained a cell the results held"))
+    published = output_dir / "results.json"
+    carried = run_grid(
+        tmp_path, "--rows", "zigma-1", "arcee-1", "--seeds", "0", "--from_results", str(published)
+    )
+    assert carried == results
+    for row in ("zigma-1", "arcee-1"):
+        assert (tmp_path / "samples" / f"{row}.png").read_bytes() == (
+            output_dir / "samples" / f"{row}.png"
+        ).read_bytes()
+
+    args = parse(tmp_path, *TINY, "--rows", "zigma-1", "--max_train_steps", "5")
+    with pytest.raises(
+        ValueError, match=r"from_results .* another configuration \(max_train_steps 4 there, 5 here\)"
+    ):
+        table2.import_finished_cells(published, tmp_path / "other", args)
+    with pytest.raises(
+        ValueError, match="from_results: '.*missing.json' is not a file; expected a grid's results"
+    ):
+        table2.import_finished_cells(tmp_path / "missing.json", tmp_path / "other", args)
+
+
 def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     save = checkpointing.save_checkpoint
 
