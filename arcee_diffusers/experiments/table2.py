@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -260,6 +261,7 @@ def run_in_processes(args: argparse.Namespace, todo: list[tuple[str, int]], prog
     one thread and its output in ``<cell>/log.txt``; a bar per running cell follows its training log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     pending, running, failures = list(todo), {}, []
+    previous_handler = signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         while pending or running:
             while pending and len(running) < args.jobs:
@@ -282,8 +284,15 @@ def run_in_processes(args: argparse.Namespace, todo: list[tuple[str, int]], prog
                     failures.append(f"cell {row} seed {seed} failed (exit {process.returncode}; see {log})")
                 progress.update(1)
     finally:
-        # interrupted: stop the cells too, so that a rerun never trains a cell twice at once
+        # interrupted (Ctrl-C, or SIGTERM from a scheduler): stop the cells too, so that a rerun never
+        # trains a cell twice at once
         for process in running:
             process.terminate()
             process.wait()
+        signal.signal(signal.SIGTERM, previous_handler)
     return failures
+
+
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM as an exit that unwinds (Python's default dies on the spot and leaves the cells running)."""
+    raise SystemExit(128 + signum)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -320,3 +323,33 @@ def test_two_cells_at_a_time_in_their_own_processes(tmp_path, two_row_grid):
     for result in results["cells"]:
         assert result["first_batch_sha256"] == in_process[result["row"]]["first_batch_sha256"]
         assert (cell.cell_dir(tmp_path / "grid", result["row"], 0) / "log.txt").stat().st_size > 0
+
+
+def test_terminated_grid_stops_its_cells(tmp_path):
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    options = [
+        *TINY,
+        "--max_train_steps",
+        "100000",
+        "--rows",
+        "zigma-1",
+        "arcee-1",
+        "--seeds",
+        "0",
+        "--jobs",
+        "2",
+    ]
+    grid = subprocess.Popen([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path), *options], env=env)
+    folders = [cell.cell_dir(tmp_path, row, 0) for row in ("zigma-1", "arcee-1")]
+    deadline = time.monotonic() + 240
+    while not all(cell.steps_done(folder) > 0 for folder in folders):
+        assert grid.poll() is None and time.monotonic() < deadline, "the cells never started training"
+        time.sleep(0.5)
+    cells = psutil.Process(grid.pid).children()
+    assert len(cells) == 2
+    grid.terminate()
+    _, alive = psutil.wait_procs(cells, timeout=60)
+    for process in alive:
+        process.kill()
+    assert not alive, "cells still training after their grid was terminated"
+    assert grid.wait(timeout=60) == 128 + signal.SIGTERM
