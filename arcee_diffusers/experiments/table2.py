@@ -238,7 +238,9 @@ def run_grid(args: argparse.Namespace) -> dict:
     check_grid_folder(output_dir, args)
     if args.from_results is not None:
         import_finished_cells(args.from_results, output_dir, args)
-    cells = [(row, seed) for row in args.rows for seed in args.seeds]
+    # seed by seed, rows in table order: pair partners run side by side under --jobs 2, and a grid stopped
+    # half-way leaves whole pairs
+    cells = [(row, seed) for seed in args.seeds for row in sorted(args.rows, key=ROWS.index)]
     todo = [(row, seed) for row, seed in cells if not cell.is_finished(cell.cell_dir(output_dir, row, seed))]
     progress = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells")
     failures = []

@@ -165,6 +165,13 @@ def test_grid_carries_on_from_another_folders_results(two_row_grid, tmp_path, mo
         table2.import_finished_cells(tmp_path / "missing.json", tmp_path / "other", args)
 
 
+def test_cells_run_seed_by_seed_with_pair_partners_together(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(cell, "run_cell", lambda args: ran.append((args.row, args.seed)))
+    run_grid(tmp_path, "--rows", "arcee-1", "vim", "zigma-1", "--seeds", "0", "1")
+    assert ran == [("zigma-1", 0), ("arcee-1", 0), ("vim", 0), ("zigma-1", 1), ("arcee-1", 1), ("vim", 1)]
+
+
 def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     save = checkpointing.save_checkpoint
 
