@@ -49,6 +49,11 @@ def is_finished(folder: Path) -> bool:
     return (folder / RESULT_FILE).exists()
 
 
+def write_result(folder: Path, result: dict) -> None:
+    """Write the cell's ``result.json``, which marks it finished."""
+    write_atomically(folder / RESULT_FILE, json.dumps(result, indent=2))
+
+
 def write_cell_args(args: argparse.Namespace) -> Path:
     folder = Path(args.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -160,7 +165,7 @@ def run_cell(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "cell_seconds_this_run": round(time.perf_counter() - start, 1),
     }
-    write_atomically(folder / RESULT_FILE, json.dumps(result, indent=2))
+    write_result(folder, result)
     if not args.keep_checkpoints:
         for checkpoint in checkpointing.list_checkpoints(folder):
             shutil.rmtree(checkpoint)

@@ -216,7 +216,7 @@ def import_finished_cells(results_path: str | Path, output_dir: Path, args: argp
         samples = results_path.parent / "samples" / f"{result['row']}.png"
         if result["seed"] == results["rows"][result["row"]]["seeds"][0] and samples.is_file():
             shutil.copyfile(samples, folder / "samples.png")  # the report shows each row's first seed
-        cell.write_atomically(folder / cell.RESULT_FILE, json.dumps(result, indent=2))
+        cell.write_result(folder, result)
 
 
 def cell_args(grid_args: argparse.Namespace, row: str, seed: int) -> argparse.Namespace:

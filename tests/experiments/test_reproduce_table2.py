@@ -335,17 +335,8 @@ def test_two_cells_at_a_time_in_their_own_processes(tmp_path, two_row_grid):
 def test_terminated_grid_stops_its_cells(tmp_path):
     env = {**os.environ, "TQDM_DISABLE": "1"}
     options = [
-        *TINY,
-        "--max_train_steps",
-        "100000",
-        "--rows",
-        "zigma-1",
-        "arcee-1",
-        "--seeds",
-        "0",
-        "--jobs",
-        "2",
-    ]
+        *TINY, "--max_train_steps", "100000", "--rows", "zigma-1", "arcee-1", "--seeds", "0", "--jobs", "2",
+    ]  # fmt: skip
     grid = subprocess.Popen([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path), *options], env=env)
     folders = [cell.cell_dir(tmp_path, row, 0) for row in ("zigma-1", "arcee-1")]
     deadline = time.monotonic() + 240
