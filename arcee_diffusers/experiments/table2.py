@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -171,8 +172,8 @@ def configuration(args: argparse.Namespace) -> dict:
     return {key: value for key, value in sorted(vars(args).items()) if key not in RUN_OPTIONS}
 
 
-def check_same_configuration(stored: dict, current: dict, where: str) -> None:
-    """Refuse a grid of another configuration, naming every option that differs."""
+def check_same_configuration(stored: dict, current: dict, where: str, remedy: str) -> None:
+    """Refuse a grid of another configuration, naming every option that differs and what to do."""
     if stored == current:
         return
     changes = [
@@ -180,10 +181,7 @@ def check_same_configuration(stored: dict, current: dict, where: str) -> None:
         for key in sorted(set(stored) | set(current))
         if stored.get(key) != current.get(key)
     ]
-    raise ValueError(
-        f"{where} holds a grid of another configuration ({'; '.join(changes)}); "
-        "use another --output_dir or the same options"
-    )
+    raise ValueError(f"{where} holds a grid of another configuration ({'; '.join(changes)}); {remedy}")
 
 
 def check_grid_folder(output_dir: Path, args: argparse.Namespace) -> None:
@@ -192,7 +190,9 @@ def check_grid_folder(output_dir: Path, args: argparse.Namespace) -> None:
     current = configuration(args)
     if path.exists():
         stored = json.loads(path.read_text())["configuration"]
-        check_same_configuration(stored, current, f"output_dir {str(output_dir)!r}")
+        check_same_configuration(
+            stored, current, f"output_dir {str(output_dir)!r}", "use another --output_dir or the same options"
+        )
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"configuration": current}, indent=2) + "\n")
@@ -206,7 +206,10 @@ def import_finished_cells(results_path: str | Path, output_dir: Path, args: argp
         raise ValueError(f"from_results: {str(results_path)!r} is not a file; expected a grid's results.json")
     results = json.loads(results_path.read_text())
     check_same_configuration(
-        results["configuration"], configuration(args), f"from_results {str(results_path)!r}"
+        results["configuration"],
+        configuration(args),
+        f"from_results {str(results_path)!r}",
+        "run with that grid's options to carry it on",
     )
     for result in results["cells"]:
         folder = cell.cell_dir(output_dir, result["row"], result["seed"])
@@ -263,7 +266,9 @@ def run_in_processes(args: argparse.Namespace, todo: list[tuple[str, int]], prog
     one thread and its output in ``<cell>/log.txt``; a bar per running cell follows its training log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     pending, running, failures = list(todo), {}, []
-    previous_handler = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    # Python takes signal handlers in the main thread only; a grid run from another thread keeps the default
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, exit_on_sigterm) if in_main_thread else None
     try:
         while pending or running:
             while pending and len(running) < args.jobs:
@@ -291,7 +296,8 @@ def run_in_processes(args: argparse.Namespace, todo: list[tuple[str, int]], prog
         for process in running:
             process.terminate()
             process.wait()
-        signal.signal(signal.SIGTERM, previous_handler)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
     return failures
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from arcee_diffusers.evaluation import spatial
 from arcee_diffusers.experiments import cell, report, table2
@@ -156,7 +158,8 @@ def test_grid_carries_on_from_another_folders_results(two_row_grid, tmp_path, mo
 
     args = parse(tmp_path, *TINY, "--rows", "zigma-1", "--max_train_steps", "5")
     with pytest.raises(
-        ValueError, match=r"from_results .* another configuration \(max_train_steps 4 there, 5 here\)"
+        ValueError,
+        match=r"from_results .* another configuration \(max_train_steps 4 there, 5 here\); run with that",
     ):
         table2.import_finished_cells(published, tmp_path / "other", args)
     with pytest.raises(
@@ -258,7 +261,8 @@ def test_bad_grids_name_the_culprit(tmp_path, extra, message):
 def test_folder_of_another_configuration_is_refused(tmp_path):
     table2.check_grid_folder(tmp_path / "grid", parse(tmp_path, "--max_train_steps", "100"))
     table2.check_grid_folder(tmp_path / "grid", parse(tmp_path, "--max_train_steps", "100", "--rows", "vim"))
-    with pytest.raises(ValueError, match=r"another configuration \(max_train_steps 100 there, 200 here\)"):
+    refused = r"another configuration \(max_train_steps 100 there, 200 here\); use another --output_dir"
+    with pytest.raises(ValueError, match=refused):
         table2.check_grid_folder(tmp_path / "grid", parse(tmp_path, "--max_train_steps", "200"))
 
 
@@ -351,3 +355,14 @@ def test_terminated_grid_stops_its_cells(tmp_path):
         process.kill()
     assert not alive, "cells still training after their grid was terminated"
     assert grid.wait(timeout=60) == 128 + signal.SIGTERM
+
+
+def test_cells_in_processes_run_from_another_thread(tmp_path):
+    # Python refuses signal handlers outside the main thread; the grid must not need one there
+    args = parse(tmp_path, "--jobs", "2")
+    returned = []
+    progress = tqdm(disable=True)
+    thread = threading.Thread(target=lambda: returned.append(table2.run_in_processes(args, [], progress)))
+    thread.start()
+    thread.join()
+    assert returned == [[]]  # no failures, and no exception in the thread
