@@ -30,21 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .models import ArceeZigmaTransformer
+from .models import VARIANTS, ArceeZigmaTransformer
 from .models.scan_orders import inverse_permutation, zigzag_paths
+from .models.variants import LAYOUT_KEYS, SD_VAE_NAME, layout_of
 
-# published --scan-type -> our transformer config
+# published --scan-type -> our scan layout (the variant table's published_scan_type column)
 PUBLISHED_SCAN_TYPES: dict[str, dict[str, Any]] = {
-    **{
-        f"Zigma_{k}": {"scan_pattern": "zigzag", "num_scan_orders": k, "state_chain": False}
-        for k in (1, 2, 4, 8)
-    },
-    **{
-        f"Arcee_{k}": {"scan_pattern": "zigzag", "num_scan_orders": k, "state_chain": True}
-        for k in (1, 2, 4, 8)
-    },
-    "V2": {"scan_pattern": "bidirectional", "num_scan_orders": 1, "state_chain": False},
-    "V2RC": {"scan_pattern": "bidirectional", "num_scan_orders": 1, "state_chain": True},
+    variant.published_scan_type: dict(zip(LAYOUT_KEYS, layout_of(variant.config)))
+    for variant in VARIANTS
+    if variant.published_scan_type is not None
 }
 # published --model -> (depth, width, patch); "Arcee-*" and "Zigma-*" are one architecture, named after
 # the mixer the scan type picks, and Vim-B/2 is Vision Mamba's size
@@ -86,7 +80,6 @@ _SUPPORTED_ARGS = {
     "prediction": ("velocity",),
     "path_type": ("GVP", "Linear"),
 }
-SD_VAE = "stabilityai/sd-vae-ft-ema"
 
 
 class ConversionError(ValueError):
@@ -354,7 +347,7 @@ def convert_checkpoint(
     output_dir: str | os.PathLike,
     scan_type: str,
     model: str | None = None,
-    vae: str | os.PathLike | None = SD_VAE,
+    vae: str | os.PathLike | None = SD_VAE_NAME,
     path: str | None = None,
 ):
     """Write a pipeline folder from a published checkpoint; returns the ``ArceeZigmaPipeline``.

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .models.embeddings import PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
 from .models.mamba_blocks import build_mamba_blocks, init_mamba_blocks, run_mamba_blocks
 from .models.scan_orders import validate_scan_config
+from .models.variants import VARIANTS, Variant, layout_of
 
 __all__ = ["ArceeZigma", "checkpoint_filter_fn", "diffusers_conditioning"]
 
@@ -46,6 +47,18 @@ _CONFIG_TO_MODEL_ARGS = {
     "scan_pattern": "scan_pattern",
     "num_scan_orders": "num_scan_orders",
     "state_chain": "state_chain",
+}
+# diffusers config entry -> timm model argument, for the architecture (input size and channels aside)
+_ARCHITECTURE_ARGS = {
+    "patch_size": "patch_size",
+    "hidden_size": "embed_dim",
+    "num_layers": "depth",
+    "d_state": "d_state",
+    "scan_pattern": "scan_pattern",
+    "num_scan_orders": "num_scan_orders",
+    "state_chain": "state_chain",
+    "d_conv": "d_conv",
+    "expand": "expand",
 }
 
 _checkpoint = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
@@ -421,18 +434,19 @@ def _create_arcee_zigma(variant: str, pretrained: bool = False, **kwargs) -> Arc
     )
 
 
-def _cfg(**kwargs) -> dict:
+def _cfg(config: dict) -> dict:
     # Inputs are SD-VAE latents scaled by 0.18215 (roughly unit variance): no normalisation.
+    channels, size = config.get("in_channels", 4), config.get("sample_size", 32)
     return {
         "url": "",
         "num_classes": 1000,
-        "input_size": (4, 32, 32),
+        "input_size": (channels, size, size),
         "pool_size": None,
         "fixed_input_size": True,
         "crop_pct": 1.0,
         "interpolation": "bicubic",
-        "mean": (0.0, 0.0, 0.0, 0.0),
-        "std": (1.0, 1.0, 1.0, 1.0),
+        "mean": (0.0,) * channels,
+        "std": (1.0,) * channels,
         "first_conv": "patch_embed.proj",
         "classifier": "head",
         "license": "apache-2.0",
@@ -440,157 +454,38 @@ def _cfg(**kwargs) -> dict:
         "paper_name": (
             "Arcee: Differentiable Recurrent State Chain for Generative Vision Modeling with Mamba SSMs"
         ),
-        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs(
-    {
-        "arcee_zigma_tiny_p2_k1": _cfg(),
-        "arcee_zigma_tiny_p2_k4": _cfg(),
-        "arcee_zigma_xs_p2_k4": _cfg(),
-        "arcee_zigma_xs_p1_k4": _cfg(),
-        "arcee_zigma_b_p2_k1": _cfg(),
-        "arcee_zigma_b_p2_k2": _cfg(),
-        "arcee_zigma_b_p2_k4": _cfg(),
-        "arcee_zigma_b_p2_k8": _cfg(),
-        "arcee_zigma_b_p1_k4": _cfg(),
-        "arcee_zigma_xb_p2_k4": _cfg(),
-        "arcee_zigma_l_p2_k4": _cfg(),
-        "arcee_zigma_vim_b_p2": _cfg(),
-        "arcee_zigma_b_p2_k1_nochain": _cfg(),
-        "arcee_zigma_b_p2_k2_nochain": _cfg(),
-        "arcee_zigma_b_p2_k4_nochain": _cfg(),
-        "arcee_zigma_b_p2_k8_nochain": _cfg(),
-        "arcee_zigma_vim_b_p2_nochain": _cfg(),
-    }
-)
+def model_args(config: dict) -> dict:
+    """``ArceeZigma`` arguments of an ``ArceeZigmaTransformer`` config's architecture (the input size and
+    channels come from the pretrained cfg, ``_cfg``)."""
+    return {arg: config[key] for key, arg in _ARCHITECTURE_ARGS.items() if key in config}
 
 
-@register_model
-def arcee_zigma_tiny_p2_k1(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-1 Tiny/2 (demo size): depth 8, width 128, zigzag path 0 in every block."""
-    model_args = dict(patch_size=2, embed_dim=128, depth=8, num_scan_orders=1)
-    return _create_arcee_zigma("arcee_zigma_tiny_p2_k1", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_tiny_p2_k4(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-4 Tiny/2 (demo size): depth 8, width 128, block i scans zigzag path i mod 4."""
-    model_args = dict(patch_size=2, embed_dim=128, depth=8, num_scan_orders=4)
-    return _create_arcee_zigma("arcee_zigma_tiny_p2_k4", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_xs_p2_k4(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-4 XS/2: depth 24, width 448."""
-    model_args = dict(patch_size=2, embed_dim=448, depth=24, num_scan_orders=4)
-    return _create_arcee_zigma("arcee_zigma_xs_p2_k4", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_xs_p1_k4(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-4 XS/1: depth 24, width 368, patch 1."""
-    model_args = dict(patch_size=1, embed_dim=368, depth=24, num_scan_orders=4)
-    return _create_arcee_zigma("arcee_zigma_xs_p1_k4", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_b_p2_k1(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-1 B/2, the paper's headline model: depth 24, width 768, zigzag path 0 in every block."""
-    model_args = dict(patch_size=2, embed_dim=768, depth=24, num_scan_orders=1)
-    return _create_arcee_zigma("arcee_zigma_b_p2_k1", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_b_p2_k2(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-2 B/2: depth 24, width 768, block i scans zigzag path i mod 2."""
-    model_args = dict(patch_size=2, embed_dim=768, depth=24, num_scan_orders=2)
-    return _create_arcee_zigma("arcee_zigma_b_p2_k2", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_b_p2_k4(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-4 B/2: depth 24, width 768, block i scans zigzag path i mod 4."""
-    model_args = dict(patch_size=2, embed_dim=768, depth=24, num_scan_orders=4)
-    return _create_arcee_zigma("arcee_zigma_b_p2_k4", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_b_p2_k8(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-8 B/2: depth 24, width 768, block i scans zigzag path i mod 8."""
-    model_args = dict(patch_size=2, embed_dim=768, depth=24, num_scan_orders=8)
-    return _create_arcee_zigma("arcee_zigma_b_p2_k8", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_b_p1_k4(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-4 B/1: depth 24, width 768, patch 1."""
-    model_args = dict(patch_size=1, embed_dim=768, depth=24, num_scan_orders=4)
-    return _create_arcee_zigma("arcee_zigma_b_p1_k4", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_xb_p2_k4(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-4 XB/2: depth 24, width 1024."""
-    model_args = dict(patch_size=2, embed_dim=1024, depth=24, num_scan_orders=4)
-    return _create_arcee_zigma("arcee_zigma_xb_p2_k4", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_l_p2_k4(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Arcee-4 L/2: depth 48, width 1024."""
-    model_args = dict(patch_size=2, embed_dim=1024, depth=48, num_scan_orders=4)
-    return _create_arcee_zigma("arcee_zigma_l_p2_k4", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_vim_b_p2(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """ArceeVim B/2: Vision Mamba (row-major scans both ways, two state chains), depth 20, width 768."""
-    model_args = dict(patch_size=2, embed_dim=768, depth=20, scan_pattern="bidirectional")
-    return _create_arcee_zigma("arcee_zigma_vim_b_p2", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def arcee_zigma_b_p2_k1_nochain(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Zigma-1 B/2 baseline: ``arcee_zigma_b_p2_k1`` without the state chain."""
-    model_args = dict(patch_size=2, embed_dim=768, depth=24, num_scan_orders=1, state_chain=False)
-    return _create_arcee_zigma(
-        "arcee_zigma_b_p2_k1_nochain", pretrained=pretrained, **dict(model_args, **kwargs)
+def _describe(variant: Variant) -> str:
+    config = variant.config
+    scan_pattern, num_scan_orders, state_chain = layout_of(config)
+    scan = f"zigzag, block i scans path i mod {num_scan_orders}" if scan_pattern == "zigzag" else scan_pattern
+    chain = "state chain" if state_chain else "no state chain (baseline)"
+    return (
+        f"{variant.display_name} {variant.preset}: depth {config['num_layers']}, width "
+        f"{config['hidden_size']}, patch {config['patch_size']}, {scan}, {chain}."
     )
 
 
-@register_model
-def arcee_zigma_b_p2_k2_nochain(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Zigma-2 B/2 baseline: ``arcee_zigma_b_p2_k2`` without the state chain."""
-    model_args = dict(patch_size=2, embed_dim=768, depth=24, num_scan_orders=2, state_chain=False)
-    return _create_arcee_zigma(
-        "arcee_zigma_b_p2_k2_nochain", pretrained=pretrained, **dict(model_args, **kwargs)
-    )
+def _register(variant: Variant) -> None:
+    """Register ``variant.timm_name`` as a timm model (an entry point function of this module)."""
+
+    def create(pretrained: bool = False, **kwargs) -> ArceeZigma:
+        args = model_args(variant.config)
+        return _create_arcee_zigma(variant.timm_name, pretrained=pretrained, **dict(args, **kwargs))
+
+    create.__name__ = create.__qualname__ = variant.timm_name
+    create.__doc__ = _describe(variant)
+    globals()[variant.timm_name] = register_model(create)
 
 
-@register_model
-def arcee_zigma_b_p2_k4_nochain(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Zigma-4 B/2 baseline: ``arcee_zigma_b_p2_k4`` without the state chain."""
-    model_args = dict(patch_size=2, embed_dim=768, depth=24, num_scan_orders=4, state_chain=False)
-    return _create_arcee_zigma(
-        "arcee_zigma_b_p2_k4_nochain", pretrained=pretrained, **dict(model_args, **kwargs)
-    )
-
-
-@register_model
-def arcee_zigma_b_p2_k8_nochain(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Zigma-8 B/2 baseline: ``arcee_zigma_b_p2_k8`` without the state chain."""
-    model_args = dict(patch_size=2, embed_dim=768, depth=24, num_scan_orders=8, state_chain=False)
-    return _create_arcee_zigma(
-        "arcee_zigma_b_p2_k8_nochain", pretrained=pretrained, **dict(model_args, **kwargs)
-    )
-
-
-@register_model
-def arcee_zigma_vim_b_p2_nochain(pretrained: bool = False, **kwargs) -> ArceeZigma:
-    """Vision Mamba B/2 baseline: ``arcee_zigma_vim_b_p2`` without the state chains."""
-    model_args = dict(patch_size=2, embed_dim=768, depth=20, scan_pattern="bidirectional", state_chain=False)
-    return _create_arcee_zigma(
-        "arcee_zigma_vim_b_p2_nochain", pretrained=pretrained, **dict(model_args, **kwargs)
-    )
+default_cfgs = generate_default_cfgs({variant.timm_name: _cfg(variant.config) for variant in VARIANTS})
+for _variant in VARIANTS:
+    _register(_variant)

@@ -34,7 +34,8 @@ import triton.language as tl
 from arcee_scan.triton_scan import REVERSE_SCAN_WITH_FLIP, _reverse_affine_combine
 
 PAPER_SHAPES = ["48,1536,256,256", "8,1536,1024,256", "48,1536,256,16"]
-# Exp-unit bound of the scan (KERNEL.md): 16 exp/clk/SM at 1.98 GHz boost on H100 and H200 SXM.
+# Exp-unit bound of the scan (docs/benchmarks/triton.md): 16 exp/clk/SM at 1.98 GHz boost on H100 and
+# H200 SXM.
 EXP_PER_CLOCK_PER_SM = 16
 ASSUMED_CLOCK_HZ = 1.98e9
 

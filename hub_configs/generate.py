@@ -1,5 +1,6 @@
-"""Regenerate ``hub_configs/<variant>/`` from the presets: ``transformer/config.json``, then the rest of a Hub
-repo template (model_index.json, scheduler and VAE configs, re-export files, README.md model card).
+"""Regenerate ``hub_configs/<variant>/`` from the variant table (``arcee_diffusers/models/variants.py``):
+``transformer/config.json``, then the rest of a Hub repo template (model_index.json, scheduler and VAE
+configs, re-export files, README.md model card).
 
 python hub_configs/generate.py            # writes next to this file
 python hub_configs/generate.py --root DIR
@@ -8,8 +9,7 @@ python hub_configs/generate.py --root DIR
 import argparse
 from pathlib import Path
 
-from arcee_diffusers.hub import write_repo_template
-from arcee_diffusers.models.variants import write_hub_configs
+from arcee_diffusers.hub_templates import write_hub_configs, write_repo_template
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from arcee_diffusers.conversion import PUBLISHED_SCAN_TYPES, SD_VAE, convert_checkpoint
+from arcee_diffusers.conversion import PUBLISHED_SCAN_TYPES, convert_checkpoint
+from arcee_diffusers.models.variants import SD_VAE_NAME
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument(
         "--vae",
-        default=SD_VAE,
-        help=f'AutoencoderKL folder or repo id to include (default {SD_VAE}); "none" for no VAE.',
+        default=SD_VAE_NAME,
+        help=f'AutoencoderKL folder or repo id to include (default {SD_VAE_NAME}); "none" for no VAE.',
     )
     parser.add_argument(
         "--path", choices=["gvp", "linear"], help="Flow path (default: the checkpoint's, else gvp)."

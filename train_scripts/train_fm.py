@@ -7,7 +7,7 @@
 With neither --dataset_name nor --train_data_dir it trains a small class-conditional model on
 scikit-learn's bundled digits and ends by writing samples.png and metrics.json (see docs/training.md).
 The options and both recipes are in arcee_diffusers/training/cli.py, the training loop, checkpoints and
-evaluation in arcee_diffusers/training/trainer.py.
+evaluation in arcee_diffusers/training/training.py.
 """
 
 from __future__ import annotations
@@ -22,24 +22,24 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from arcee_diffusers.training import cli, trainer  # noqa: E402
+from arcee_diffusers import training  # noqa: E402
 
 START_TIME = time.perf_counter()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return cli.parse_args(argv, description=__doc__)
+    return training.parse_args(argv, description=__doc__)
 
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    accelerator = trainer.make_accelerator(args)
-    train_data = trainer.build_train_dataset(args, accelerator)
-    model = trainer.build_model(args, train_data.channels, train_data.sample_size, train_data.num_classes)
-    model, ema = trainer.train(args, accelerator, train_data, model)
+    accelerator = training.make_accelerator(args)
+    train_data = training.build_train_dataset(args, accelerator)
+    model = training.build_model(args, train_data.channels, train_data.sample_size, train_data.num_classes)
+    model, ema = training.train(args, accelerator, train_data, model)
     if accelerator.is_main_process:
-        trainer.save_final_pipeline(args, accelerator, model, ema, train_data.vae)
-        trainer.finish(args, accelerator, START_TIME)
+        training.save_final_pipeline(args, accelerator, model, ema, train_data.vae)
+        training.finish(args, accelerator, START_TIME)
     accelerator.end_training()
 
 

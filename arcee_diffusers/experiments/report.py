@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..evaluation import spatial
-from . import cell, table2
+from . import cell
+from .rows import PAIRS, PAPER_FID_KID, ROWS, TIER_GRIDS
 
 SAMPLE_METRICS = ("frechet_ratio", "fid", "kid_x1e3")  # lower is better for each
 METRIC_NAMES = {"frechet_ratio": "Fréchet ratio", "fid": "FID", "kid_x1e3": "KID×10³"}
@@ -32,7 +33,7 @@ LOSS_QUANTITIES = ("mean_loss", "first_row_loss")
 def load_cells(grid_dir: Path) -> list[dict]:
     """Every finished cell's result, in table order (row, then seed)."""
     results = [json.loads(p.read_text()) for p in Path(grid_dir).glob(f"cells/*/seed-*/{cell.RESULT_FILE}")]
-    return sorted(results, key=lambda r: (table2.ROWS.index(r["row"]), r["seed"]))
+    return sorted(results, key=lambda r: (ROWS.index(r["row"]), r["seed"]))
 
 
 def cell_scalars(result: dict) -> dict[str, float]:
@@ -66,7 +67,7 @@ def summarize(cells: list[dict]) -> dict:
             "seeds": sorted(seeds),
             "parameters": first["parameters"],
             "model": first["model"],
-            "paper": dict(zip(("fid", "kid_x1e3"), table2.PAPER_FID_KID[row])),
+            "paper": dict(zip(("fid", "kid_x1e3"), PAPER_FID_KID[row])),
         }
         for key in scalars[0]:
             summary[key] = mean_std([s[key] for s in scalars if s.get(key) is not None])
@@ -78,7 +79,7 @@ def summarize(cells: list[dict]) -> dict:
         rows[row] = summary
 
     pairs = []
-    for baseline, arcee in table2.PAIRS:
+    for baseline, arcee in PAIRS:
         if baseline not in by_row or arcee not in by_row:
             continue
         common = sorted(set(by_row[baseline]) & set(by_row[arcee]))
@@ -137,7 +138,7 @@ def _format(stats: dict | None, digits: int = 3) -> str:
 def results_markdown(results: dict) -> str:
     """One line per row (mean ± std over seeds, the paper's FID / KID beside it), one per pair."""
     config, rows = results["configuration"], results["rows"]
-    grid = table2.TIER_GRIDS[config["tier"]]
+    grid = TIER_GRIDS[config["tier"]]
     metrics = [m for m in SAMPLE_METRICS if any(m in r for r in rows.values())]
     first_cell = results["cells"][0] if results["cells"] else None
     lines = [
@@ -212,7 +213,7 @@ def _sampler(config: dict) -> str:
 
 
 def _present_pairs(rows) -> list[tuple[str, str]]:
-    return [(b, a) for b, a in table2.PAIRS if b in rows and a in rows]
+    return [(b, a) for b, a in PAIRS if b in rows and a in rows]
 
 
 def _subplots(count: int, width: float = 4.0, height: float = 3.2, columns: int = 5):

@@ -32,25 +32,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..models.variants import variant_config
 from ..training import cli
 from . import cell, report
+from .rows import ROWS, TIER_GRIDS, row_settings
 
-ROWS = (
-    "zigma-1", "arcee-1", "zigma-2", "arcee-2", "zigma-4", "arcee-4", "zigma-8", "arcee-8",
-    "vim", "arcee-vim",
-)  # fmt: skip
-# (baseline, Arcee) pairs: the same scan layout with the state chain off and on
-PAIRS = tuple(zip(ROWS[::2], ROWS[1::2]))
-# the published Table 2 (CelebA-HQ 256, 50k steps): FID, KID×10³
-PAPER_FID_KID = {
-    "zigma-1": (82.81, 88.69), "arcee-1": (15.33, 10.59),
-    "zigma-2": (15.64, 11.22), "arcee-2": (15.68, 11.40),
-    "zigma-4": (11.27, 7.70), "arcee-4": (10.86, 7.45),
-    "zigma-8": (11.19, 7.77), "arcee-8": (11.75, 8.17),
-    "vim": (14.08, 9.76), "arcee-vim": (13.47, 9.36),
-}  # fmt: skip
-TIER_GRIDS = {"64": 8, "256": 16}  # tier name (tokens) -> side of the token grid
 # the grid's own defaults on top of the train_fm recipes; flags given on the command line win
 GRID_DEFAULTS = {"num_layers": 8, "checkpointing_steps": 500}
 # set per cell by the grid, so not options of it
@@ -66,18 +51,6 @@ GRID_FILE = "grid.json"
 
 class CellsFailed(RuntimeError):
     """Some cells run by ``--jobs`` exited with an error (each named, with its log)."""
-
-
-def row_settings(row: str) -> dict:
-    """What distinguishes ``row``: its scan pattern, number of zigzag paths and state chain."""
-    if row not in ROWS:
-        raise ValueError(f"rows: unknown row {row!r}; expected some of {' '.join(ROWS)}")
-    config = variant_config(f"{row}-b2")
-    return {
-        "scan_pattern": config.get("scan_pattern", "zigzag"),
-        "num_scan_orders": config.get("num_scan_orders", 1),
-        "state_chain": config["state_chain"],
-    }
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:

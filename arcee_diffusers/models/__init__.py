@@ -1,3 +1,4 @@
-from .arcee_zigma_transformer import PRESETS, ArceeZigmaTransformer, preset_config
+from .arcee_zigma_transformer import ArceeZigmaTransformer
+from .variants import PRESETS, VARIANTS, Variant, get_variant, preset_config
 
-__all__ = ["PRESETS", "ArceeZigmaTransformer", "preset_config"]
+__all__ = ["PRESETS", "VARIANTS", "ArceeZigmaTransformer", "Variant", "get_variant", "preset_config"]

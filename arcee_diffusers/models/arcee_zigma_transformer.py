@@ -19,18 +19,7 @@ from .mamba_blocks import (
     run_mamba_blocks,
 )
 from .scan_orders import validate_scan_config
-
-# Paper presets (d_state 256, SD-VAE latent 4 x 32 x 32, unconditional); "Tiny/2" is a demo/smoke size.
-PRESETS: dict[str, dict[str, Any]] = {
-    "Tiny/2": {"num_layers": 8, "hidden_size": 128, "patch_size": 2},
-    "XS/2": {"num_layers": 24, "hidden_size": 448, "patch_size": 2},
-    "XS/1": {"num_layers": 24, "hidden_size": 368, "patch_size": 1},
-    "B/2": {"num_layers": 24, "hidden_size": 768, "patch_size": 2},
-    "B/1": {"num_layers": 24, "hidden_size": 768, "patch_size": 1},
-    "XB/2": {"num_layers": 24, "hidden_size": 1024, "patch_size": 2},
-    "L/2": {"num_layers": 48, "hidden_size": 1024, "patch_size": 2},
-    "Vim-B/2": {"num_layers": 20, "hidden_size": 768, "patch_size": 2, "scan_pattern": "bidirectional"},
-}
+from .variants import get_variant, preset_config
 
 
 class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
@@ -171,13 +160,18 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ArceeZigmaTransformer:
-        """Build a paper-size model, e.g. ``from_preset("B/2", num_scan_orders=4, state_chain=False)``.
+        """Build a model of a size preset, e.g. ``from_preset("B/2", num_scan_orders=4, state_chain=False)``.
 
-        Presets: ``"Tiny/2"``, ``"XS/2"``, ``"XS/1"``, ``"B/2"``, ``"B/1"``, ``"XB/2"``, ``"L/2"``,
-        ``"Vim-B/2"`` (bidirectional, depth 20). Defaults: 4 x 32 x 32 latents, d_state 256, unconditional,
-        Arcee state chain on; any config argument can be overridden.
+        The presets (``models/variants.py``'s ``PRESETS``, tabled in docs/model.md) default to 4 x 32 x 32
+        latents, d_state 256, unconditional, Arcee state chain on; any config argument can be overridden.
         """
         return cls(**preset_config(name, **overrides))
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides: Any) -> ArceeZigmaTransformer:
+        """Build a named variant, e.g. ``from_variant("zigma-4-b2")`` (see ``models/variants.py`` and the
+        table in docs/model.md); any config argument can be overridden."""
+        return cls(**{**get_variant(name).config, **overrides})
 
     def embed(
         self, hidden_states: Tensor, timestep: Tensor | float, class_labels: Tensor | None = None
@@ -252,10 +246,3 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
         if not return_dict:
             return (sample,)
         return Transformer2DModelOutput(sample=sample)
-
-
-def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """The config of preset ``name`` (see ``PRESETS``) with ``overrides`` applied."""
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset name {name!r}; expected one of {list(PRESETS)}")
-    return {**PRESETS[name], **overrides}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,14 +15,37 @@ from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub import to_native_layout
 from ..models import ArceeZigmaTransformer
 from ..schedulers.flow_paths import PATHS, get_flow_path
 from ..schedulers.sampling import check_scheduler, is_native_scheduler, sample_flow
+from .folder_layout import to_native_layout, write_reexport_layout
+from .model_card import model_card
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PIXEL_CHANNELS = (1, 3)
 HUB_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+
+
+def download_pipeline(name: str, download_kwargs: dict[str, Any]) -> str:
+    """The local folder of Hub repo ``name`` (``snapshot_download``), or one clear error when ``name`` is
+    neither a folder nor a reachable repo."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    where = f"pretrained_model_name_or_path {name!r}"
+    if os.path.exists(name):
+        raise NotADirectoryError(f"{where} is a file; expected a pipeline folder (with model_index.json)")
+    try:
+        return snapshot_download(name, **download_kwargs)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{where}: no such folder, and not a Hub repo id ('namespace/name')"
+        ) from None
+    except Exception as err:  # offline, unknown repo, no access: many unrelated types
+        reason = " ".join(str(err).split())[:300]
+        raise FileNotFoundError(
+            f"{where}: no such folder, and the Hub could not provide it ({type(err).__name__}: {reason})"
+        ) from None
 
 
 @dataclass
@@ -92,30 +117,87 @@ class ArceeZigmaPipeline(DiffusionPipeline):
         `revision`, `token`, `cache_dir`, `local_files_only`, ...).
         """
         if not os.path.isdir(pretrained_model_name_or_path):
-            from huggingface_hub import snapshot_download
-
             download_kwargs = {key: kwargs.pop(key) for key in HUB_DOWNLOAD_KWARGS if key in kwargs}
-            repo_id = str(pretrained_model_name_or_path)
-            pretrained_model_name_or_path = snapshot_download(repo_id, **download_kwargs)
+            pretrained_model_name_or_path = download_pipeline(
+                str(pretrained_model_name_or_path), download_kwargs
+            )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def load_config(cls, *args: Any, **kwargs: Any):
-        """`model_index.json` in either layout; a Hub layout's re-export files are never executed here."""
+        """`model_index.json` in either layout; the re-export files are never executed here."""
         outputs = super().load_config(*args, **kwargs)
         to_native_layout(outputs[0] if isinstance(outputs, tuple) else outputs)
         return outputs
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any):
-        """Upload as a Hub repo that this class and `DiffusionPipeline(..., trust_remote_code=True)` load.
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """diffusers' `save_pretrained`, plus the re-export files that let plain diffusers load the folder
+        (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`; see `folder_layout`).
 
-        Writes a model card from the config; see [`arcee_diffusers.hub.push_pipeline_to_hub`] for the
-        arguments (`training_info`, `eval_results`, `private`, `commit_message`, ...). Returns the
-        `CommitInfo`.
+        With `push_to_hub=True` the folder is then uploaded by [`push_to_hub`] (`repo_id` defaults to the
+        folder's name; `commit_message`, `private`, `create_pr`, `token` are passed on).
         """
-        from ..hub import push_pipeline_to_hub
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            use_flashpack=use_flashpack,
+        )
+        write_reexport_layout(save_directory)
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", Path(save_directory).name)
+            self.push_to_hub(repo_id, variant=variant, safe_serialization=safe_serialization, **kwargs)
 
-        return push_pipeline_to_hub(self, repo_id, **kwargs)
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload ArceeZigmaPipeline",
+        create_pr: bool = False,
+        variant: str | None = None,
+        safe_serialization: bool = True,
+        **card_options: Any,
+    ):
+        """Upload as a Hub repo with a generated model card; returns the `CommitInfo`.
+
+        Creates the repo if needed (`private`, `token` as in `huggingface_hub.create_repo`), saves the
+        pipeline (`variant` names the weight files, e.g. `"ema"`; safetensors only) with its re-export files,
+        writes a README.md from [`model_card`] (`card_options`: its `training_info`, `eval_results`,
+        `license`, `datasets`, `tags`), then uploads the folder in one commit. The repo loads with this class
+        and with `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)`.
+        """
+        from huggingface_hub import HfApi
+
+        if not safe_serialization:
+            raise ValueError(
+                "safe_serialization must be True: arcee-diffusers saves and loads safetensors only"
+            )
+        if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+            raise ValueError(f"repo_id must be 'namespace/name' or 'name', got {repo_id!r}")
+        api = HfApi(token=token)
+        if "/" not in repo_id:
+            repo_id = f"{api.whoami()['name']}/{repo_id}"
+        card = model_card(self, repo_id, variant=variant, **card_options)
+        with tempfile.TemporaryDirectory() as folder:
+            # everything is written before the repo is created, so a failure leaves no empty repo behind
+            self.save_pretrained(folder, variant=variant)
+            card.save(os.path.join(folder, "README.md"))
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message, create_pr=create_pr
+            )
 
     def check_inputs(
         self,

@@ -1,6 +1,7 @@
 """One flow-matching training run under 🤗 Accelerate: what ``train_scripts/train_fm.py`` does, as functions.
 
-    accelerator = make_accelerator(args)                  # args from ``cli.parse_args``
+    args = parse_args(argv)                               # ``cli``
+    accelerator = make_accelerator(args)
     data = build_train_dataset(args, accelerator)         # pixels or cached VAE latents
     model = build_model(args, data.channels, data.sample_size, data.num_classes)
     model, ema = train(args, accelerator, data, model)    # checkpoints, resume, sample grids, evals
@@ -8,7 +9,9 @@
         save_final_pipeline(args, accelerator, model, ema, data.vae)
         finish(args, accelerator, start_time)             # reload, samples.png, metrics.json, push
 
-The Table 2 grid (``arcee_diffusers.experiments``) runs the same steps for each of its cells.
+The Table 2 grid (``arcee_diffusers.experiments``) runs the same steps for each of its cells. ``train`` reads
+like the loop it is: ``prepare_run``, ``resume``, then ``train_micro_batch`` on every batch and, after each
+optimiser update, the EMA, the logs, a checkpoint when due and ``sample_and_evaluate``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from tqdm.auto import tqdm
 from ..evaluation import digits, fid, sampling
 from ..models import ArceeZigmaTransformer, preset_config
 from ..pipelines.pipeline_arcee_zigma import ArceeZigmaPipeline
-from ..schedulers.flow_paths import get_flow_path
+from ..schedulers.flow_paths import FlowPath, get_flow_path
 from ..schedulers.scheduling_gvp_flow import FlowMatchGVPScheduler
 from . import checkpointing, data, flow_matching, latents
 from .ema import create_ema
@@ -163,6 +166,32 @@ def build_train_dataset(args: argparse.Namespace, accelerator: Accelerator) -> T
     return TrainData(latents.CachedLatentDataset(cache), channels, size, num_classes, vae.cpu())
 
 
+@dataclass
+class MicroBatch:
+    """What one micro-batch drew and gave: its loss, the clipped gradient norm (on a syncing micro-batch),
+    the clean sample, the noise and the times."""
+
+    loss: Tensor
+    grad_norm: Tensor | float | None
+    x1: Tensor
+    noise: Tensor
+    t: Tensor
+
+
+@dataclass
+class TrainRun:
+    """What ``prepare_run`` sets up for ``train``'s loop: the prepared model, EMA, optimiser, schedule and
+    loader, and the epochs they span."""
+
+    model: torch.nn.Module
+    ema: EMAModel | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    dataloader: torch.utils.data.DataLoader
+    updates_per_epoch: int
+    num_epochs: int
+
+
 def train(
     args: argparse.Namespace,
     accelerator: Accelerator,
@@ -172,7 +201,62 @@ def train(
 ) -> tuple[torch.nn.Module, EMAModel | None]:
     """Train ``model`` for ``args.max_train_steps`` updates (resuming from ``--resume_from_checkpoint``),
     with checkpoints, sample grids and evaluations on the way; returns the prepared model and its EMA."""
-    output_dir = Path(args.output_dir)
+    run = prepare_run(args, accelerator, train_data, model)
+    global_step = resume(args, accelerator)
+    first_epoch = global_step // run.updates_per_epoch
+    path = get_flow_path(args.path)
+    # absent from the cell_args.json of a Table 2 grid process started before the option existed
+    keep_steps = getattr(args, "checkpoint_at_steps", [])
+    progress = tqdm(
+        range(args.max_train_steps),
+        initial=global_step,
+        desc="steps",
+        leave=False,
+        disable=not accelerator.is_local_main_process,
+    )
+    for epoch in range(first_epoch, run.num_epochs):
+        run.model.train()
+        # a resumed run skips the batches its first epoch has already trained on
+        done = global_step % run.updates_per_epoch if epoch == first_epoch else 0
+        for batch in epoch_batches(
+            accelerator, run.dataloader, epoch, done * args.gradient_accumulation_steps
+        ):
+            # checked before the step, so that resuming from the last checkpoint trains nothing more
+            if global_step >= args.max_train_steps:
+                break
+            micro = train_micro_batch(args, accelerator, run, batch, path, train_data.vae)
+            if not accelerator.sync_gradients:
+                continue
+
+            # an optimiser update is done: EMA, logs, checkpoint, samples and evaluation
+            if run.ema is not None:
+                run.ema.step(run.model.parameters())
+            global_step += 1
+            logs = {
+                "loss": micro.loss.item(),
+                "grad_norm": float(micro.grad_norm),
+                "lr": run.lr_scheduler.get_last_lr()[0],
+            }
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=global_step)
+            if on_step is not None:
+                on_step(TrainStep(global_step, logs, micro.x1, micro.noise, micro.t))
+            if global_step % args.checkpointing_steps == 0 or global_step in keep_steps:
+                checkpointing.save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit, keep_steps
+                )
+            sample_and_evaluate(args, accelerator, run, train_data.vae, global_step)
+    progress.close()
+    accelerator.wait_for_everyone()
+    return run.model, run.ema
+
+
+def prepare_run(
+    args: argparse.Namespace, accelerator: Accelerator, train_data: TrainData, model: ArceeZigmaTransformer
+) -> TrainRun:
+    """The EMA, optimiser, loader and learning-rate schedule, prepared by ``accelerator``; starts the
+    trackers."""
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     ema = None
@@ -197,7 +281,7 @@ def train(
     )
     # the loader's own generator keeps iterator creation from drawing on the global RNG, whose checkpointed
     # state must be the only source of the noise, times, flips and label dropout for resuming to be exact
-    train_dataloader = torch.utils.data.DataLoader(
+    dataloader = torch.utils.data.DataLoader(
         train_data.dataset,
         generator=torch.Generator().manual_seed(args.seed),
         batch_size=args.train_batch_size,
@@ -206,7 +290,7 @@ def train(
         num_workers=args.dataloader_num_workers,
         drop_last=args.dataloader_drop_last,
     )
-    if len(train_dataloader) == 0:
+    if len(dataloader) == 0:
         raise ValueError(
             f"train_batch_size: the dataset has {len(train_data.dataset)} examples, fewer than one batch of "
             f"{args.train_batch_size} with --dataloader_drop_last"
@@ -217,11 +301,11 @@ def train(
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, dataloader, lr_scheduler
     )
 
-    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     if accelerator.is_main_process:
         # tensorboard's hparams take numbers, strings and booleans only: lists (e.g. --checkpoint_at_steps)
@@ -237,108 +321,83 @@ def train(
         f"{len(train_data.dataset)} examples, {num_epochs} epochs, total batch {total_batch}, "
         f"{args.max_train_steps} steps, {sum(p.numel() for p in model.parameters()):,} parameters"
     )
+    return TrainRun(model, ema, optimizer, lr_scheduler, dataloader, updates_per_epoch, num_epochs)
 
+
+def resume(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """Seed the training draws, then load ``--resume_from_checkpoint`` if there is one; returns the number
+    of updates already done."""
     # Common random numbers: whatever the model's initialisation drew, training draws its noise, times and
     # flips from the seed alone, so two models trained with one seed see the very same draws.
     set_seed(args.seed, device_specific=True)
-    global_step = 0
-    resume_path = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    resume_path = checkpointing.resolve_checkpoint(Path(args.output_dir), args.resume_from_checkpoint)
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
-        global_step = checkpointing.load_checkpoint(accelerator, resume_path)
-    elif args.resume_from_checkpoint is not None:
+        return checkpointing.load_checkpoint(accelerator, resume_path)
+    if args.resume_from_checkpoint is not None:
         logger.info("No checkpoint found: starting a new run")
-    first_epoch = global_step // updates_per_epoch
-    batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    return 0
 
-    path = get_flow_path(args.path)
-    # absent from the cell_args.json of a Table 2 grid process started before the option existed
-    keep_steps = getattr(args, "checkpoint_at_steps", [])
-    progress = tqdm(
-        range(args.max_train_steps),
-        initial=global_step,
-        desc="steps",
-        leave=False,
-        disable=not accelerator.is_local_main_process,
-    )
-    for epoch in range(first_epoch, num_epochs):
-        model.train()
-        # the seedable sampler shuffles as a function of (seed, epoch): skipping batches restores the position
-        train_dataloader.set_epoch(epoch)
-        loader = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            loader = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
-            loader.set_epoch(epoch)
-        for batch in loader:
-            # checked before the step, so that resuming from the last checkpoint trains nothing more
-            if global_step >= args.max_train_steps:
-                break
-            x1 = model_input(batch, args.random_flip, train_data.vae)
-            with accelerator.accumulate(model):
-                t = flow_matching.sample_flow_times(
-                    x1.shape[0],
-                    args.weighting_scheme,
-                    args.logit_mean,
-                    args.logit_std,
-                    args.mode_scale,
-                    x1.device,
-                )
-                noise = torch.randn_like(x1)
-                loss = flow_matching.flow_matching_loss(
-                    model, x1, t, path, batch.get("class_labels"), noise=noise
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
 
-            if ema is not None:
-                ema.step(model.parameters())
-            global_step += 1
-            progress.update(1)
-            logs = {
-                "loss": loss.detach().item(),
-                "grad_norm": float(grad_norm),
-                "lr": lr_scheduler.get_last_lr()[0],
-            }
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=global_step)
-            if on_step is not None:
-                on_step(TrainStep(global_step, logs, x1, noise, t))
+def epoch_batches(
+    accelerator: Accelerator, dataloader: torch.utils.data.DataLoader, epoch: int, skip: int
+) -> Iterable[dict]:
+    """The batches of ``epoch`` after the first ``skip`` (those a resumed run has already trained on)."""
+    # the seedable sampler shuffles as a function of (seed, epoch): skipping batches restores the position
+    dataloader.set_epoch(epoch)
+    if not skip:
+        return dataloader
+    loader = accelerator.skip_first_batches(dataloader, skip)
+    loader.set_epoch(epoch)
+    return loader
 
-            if global_step % args.checkpointing_steps == 0 or global_step in keep_steps:
-                checkpointing.save_checkpoint(
-                    accelerator, output_dir, global_step, args.checkpoints_total_limit, keep_steps
-                )
-            validate = args.validation_steps and global_step % args.validation_steps == 0
-            evaluate = args.eval_steps and global_step % args.eval_steps == 0
-            if (validate or evaluate) and accelerator.is_main_process:
-                model.eval()
-                with ema_weights(model, ema, accelerator):
-                    pipeline = build_pipeline(args, accelerator, model, train_data.vae)
-                    pipeline.set_progress_bar_config(disable=True)
-                    if validate:
-                        log_sample_grid(
-                            args,
-                            pipeline,
-                            accelerator,
-                            global_step,
-                            output_dir / "samples" / f"step-{global_step}.png",
-                        )
-                    if evaluate:
-                        metrics = run_evaluation(args, pipeline, output_dir / f"eval-{global_step}")
-                        accelerator.log(
-                            {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
-                            step=global_step,
-                        )
-                model.train()
-    progress.close()
-    accelerator.wait_for_everyone()
-    return model, ema
+
+def train_micro_batch(
+    args: argparse.Namespace, accelerator: Accelerator, run: TrainRun, batch: dict, path: FlowPath, vae
+) -> MicroBatch:
+    """One forward and backward on ``batch``; the optimiser steps when the accumulated gradients sync."""
+    x1 = model_input(batch, args.random_flip, vae)
+    grad_norm = None
+    with accelerator.accumulate(run.model):
+        t = flow_matching.sample_flow_times(
+            x1.shape[0], args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, x1.device
+        )
+        noise = torch.randn_like(x1)
+        loss = flow_matching.flow_matching_loss(
+            run.model, x1, t, path, batch.get("class_labels"), noise=noise
+        )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return MicroBatch(loss.detach(), grad_norm, x1, noise, t)
+
+
+def sample_and_evaluate(
+    args: argparse.Namespace, accelerator: Accelerator, run: TrainRun, vae, global_step: int
+) -> None:
+    """Every ``--validation_steps`` a sample grid, every ``--eval_steps`` the evaluation, both with the EMA
+    weights, on the main process."""
+    validate = args.validation_steps and global_step % args.validation_steps == 0
+    evaluate = args.eval_steps and global_step % args.eval_steps == 0
+    if not (validate or evaluate) or not accelerator.is_main_process:
+        return
+    output_dir = Path(args.output_dir)
+    run.model.eval()
+    with ema_weights(run.model, run.ema, accelerator):
+        pipeline = build_pipeline(args, accelerator, run.model, vae)
+        pipeline.set_progress_bar_config(disable=True)
+        if validate:
+            grid_path = output_dir / "samples" / f"step-{global_step}.png"
+            log_sample_grid(args, pipeline, accelerator, global_step, grid_path)
+        if evaluate:
+            metrics = run_evaluation(args, pipeline, output_dir / f"eval-{global_step}")
+            accelerator.log(
+                {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=global_step
+            )
+    run.model.train()
 
 
 def model_input(batch: dict, random_flip: bool, vae) -> Tensor:

@@ -413,7 +413,8 @@ def selective_scan(
         D, delta_bias: (dim,). delta_softplus: apply ``softplus(delta + delta_bias)`` (threshold 20).
         initial_state: (batch, dim, N) float32 (float64 with float64 inputs); zeros when None.
         output_final_state: return ``h_T``; its gradient flows back when it is used.
-        backend: ``"reference"``, ``"torch"``, ``"triton"`` or None (automatic, see the module docstring).
+        backend: one of ``BACKENDS`` (``"reference"``, ``"torch"``, ``"numba"``, ``"triton"``) or None
+            (automatic, see the module docstring).
         chunk_size: steps between state checkpoints kept for the backward; None picks the backend's
             default (16; 64 for numba; the torch backend on CPU takes 8 where that keeps all channels in
             one block).

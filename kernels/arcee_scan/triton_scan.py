@@ -1,9 +1,9 @@
 """Triton backend of the stateful selective scan: forward and checkpointed backward kernels.
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this module was imported
-(Triton reads it when the kernels are decorated). See KERNEL.md for the math; the notation here follows it:
-``a_t = exp(delta_t A)``, ``b_t = delta_t u_t B_t``, ``h_t = a_t h_{t-1} + b_t`` and the reverse recurrence
-``g_t = C_t dy_t + a_{t+1} g_{t+1}`` started from ``dh_T``.
+(Triton reads it when the kernels are decorated). See docs/kernel.md for the math; the notation here follows
+it: ``a_t = exp(delta_t A)``, ``b_t = delta_t u_t B_t``, ``h_t = a_t h_{t-1} + b_t`` and the reverse
+recurrence ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` started from ``dh_T``.
 
 Forward: one program per (batch, block of channels) keeps the fp32 ``(BLOCK_D, N)`` state tile in registers
 and walks time, so each ``B_t``/``C_t`` load serves BLOCK_D channels; it writes ``h_T`` and the state entering

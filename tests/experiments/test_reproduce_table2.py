@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from arcee_diffusers.evaluation import spatial
-from arcee_diffusers.experiments import cell, report, table2
+from arcee_diffusers.experiments import cell, report, rows, table2
 from arcee_diffusers.training import checkpointing, cli, trainer
 
 SCRIPT = Path(__file__).resolve().parents[2] / "train_scripts" / "reproduce_table2.py"
@@ -53,7 +53,7 @@ def test_results_have_every_field(two_row_grid):
         for key in ("frechet_ratio", "nfe", "mean_loss", "first_row_loss", "seconds_per_step"):
             assert summary[key]["n"] == 1 and np.isfinite(summary[key]["mean"]), (row, key)
         assert summary["nfe"]["mean"] == 2 and len(summary["per_row_loss"]["mean"]) == 8
-        assert summary["paper"] == dict(zip(("fid", "kid_x1e3"), table2.PAPER_FID_KID[row]))
+        assert summary["paper"] == dict(zip(("fid", "kid_x1e3"), rows.PAPER_FID_KID[row]))
     assert "mean_loss_chain_cut" in results["rows"]["arcee-1"]
     assert "mean_loss_chain_cut" not in results["rows"]["zigma-1"]
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from arcee_diffusers import ArceeZigmaTransformer
-from arcee_diffusers.models.variants import PAPER_VARIANTS, variant_config, write_hub_configs
+from arcee_diffusers.hub_templates import write_hub_configs
+from arcee_diffusers.models.variants import VARIANTS_BY_NAME, variant_config
 
 HUB_CONFIGS = Path(__file__).resolve().parents[2] / "hub_configs"
 
@@ -19,9 +20,9 @@ def _without_version(text: str) -> dict:
 
 def test_committed_hub_configs_equal_a_fresh_generation(tmp_path):
     written = write_hub_configs(tmp_path)
-    assert sorted(p.parent.parent.name for p in written) == sorted(PAPER_VARIANTS)
+    assert sorted(p.parent.parent.name for p in written) == sorted(VARIANTS_BY_NAME)
     committed_folders = {p.name for p in HUB_CONFIGS.iterdir() if (p / "transformer").is_dir()}
-    assert committed_folders == set(PAPER_VARIANTS)
+    assert committed_folders == set(VARIANTS_BY_NAME)
     for path in written:
         committed = HUB_CONFIGS / path.relative_to(tmp_path)
         fresh_text, committed_text = path.read_text(), committed.read_text()
@@ -32,7 +33,7 @@ def test_committed_hub_configs_equal_a_fresh_generation(tmp_path):
         ]
 
 
-@pytest.mark.parametrize("name", list(PAPER_VARIANTS))
+@pytest.mark.parametrize("name", list(VARIANTS_BY_NAME))
 def test_hub_config_loads_into_the_variant(name):
     config = ArceeZigmaTransformer.load_config(HUB_CONFIGS / name / "transformer")
     with torch.device("meta"):
@@ -46,7 +47,7 @@ def test_hub_config_loads_into_the_variant(name):
 def test_paper_variants_cover_the_table():
     zigzag = {
         (c["num_scan_orders"], c["state_chain"])
-        for c in map(variant_config, PAPER_VARIANTS)
+        for c in map(variant_config, VARIANTS_BY_NAME)
         if c.get("scan_pattern", "zigzag") == "zigzag" and c["hidden_size"] == 768
     }
     assert zigzag == {(k, chain) for k in (1, 2, 4, 8) for chain in (False, True)}

@@ -9,6 +9,7 @@ from timm.optim import create_optimizer_v2
 
 import arcee_diffusers  # noqa: F401  (registers the timm models)
 from arcee_diffusers import ArceeZigmaTransformer
+from arcee_diffusers.models import VARIANTS as MODEL_VARIANTS
 from arcee_diffusers.timm_models import ArceeZigma, checkpoint_filter_fn, diffusers_conditioning
 
 # 8 x 8 latents, patch 2: a 4 x 4 token grid. The same model in timm and diffusers argument names.
@@ -16,26 +17,9 @@ TINY_TIMM = {"img_size": 8, "depth": 4, "embed_dim": 32, "d_state": 8}
 TINY_DIFFUSERS = {"sample_size": 8, "patch_size": 2, "num_layers": 4, "hidden_size": 32, "d_state": 8}
 GRID, WIDTH = 4, 32
 
-# Every registered name: the diffusers preset it shares its blocks with, and its scan configuration.
-VARIANTS = {
-    "arcee_zigma_tiny_p2_k1": ("Tiny/2", {"num_scan_orders": 1}),
-    "arcee_zigma_tiny_p2_k4": ("Tiny/2", {"num_scan_orders": 4}),
-    "arcee_zigma_xs_p2_k4": ("XS/2", {"num_scan_orders": 4}),
-    "arcee_zigma_xs_p1_k4": ("XS/1", {"num_scan_orders": 4}),
-    "arcee_zigma_b_p2_k1": ("B/2", {"num_scan_orders": 1}),
-    "arcee_zigma_b_p2_k2": ("B/2", {"num_scan_orders": 2}),
-    "arcee_zigma_b_p2_k4": ("B/2", {"num_scan_orders": 4}),
-    "arcee_zigma_b_p2_k8": ("B/2", {"num_scan_orders": 8}),
-    "arcee_zigma_b_p1_k4": ("B/1", {"num_scan_orders": 4}),
-    "arcee_zigma_xb_p2_k4": ("XB/2", {"num_scan_orders": 4}),
-    "arcee_zigma_l_p2_k4": ("L/2", {"num_scan_orders": 4}),
-    "arcee_zigma_vim_b_p2": ("Vim-B/2", {}),
-    "arcee_zigma_b_p2_k1_nochain": ("B/2", {"num_scan_orders": 1, "state_chain": False}),
-    "arcee_zigma_b_p2_k2_nochain": ("B/2", {"num_scan_orders": 2, "state_chain": False}),
-    "arcee_zigma_b_p2_k4_nochain": ("B/2", {"num_scan_orders": 4, "state_chain": False}),
-    "arcee_zigma_b_p2_k8_nochain": ("B/2", {"num_scan_orders": 8, "state_chain": False}),
-    "arcee_zigma_vim_b_p2_nochain": ("Vim-B/2", {"state_chain": False}),
-}
+# Every registered name (the variant table's timm names): the diffusers preset it shares its blocks with, and
+# its overrides.
+VARIANTS = {variant.timm_name: (variant.preset, variant.overrides) for variant in MODEL_VARIANTS}
 DIFFUSERS_ONLY = ("time_embed.", "label_embed.", "final_layer.")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -16,10 +17,10 @@ from huggingface_hub import ModelCard
 from tiny_pipelines import make_pipeline, seeded, tiny_vae
 
 from arcee_diffusers import ArceeZigmaPipeline, FlowMatchGVPScheduler
-from arcee_diffusers.hub import push_pipeline_to_hub
 
 CONDITIONAL_REPO = "arcee-test/tiny-conditional"
 LATENT_REPO = "arcee-test/tiny-latent"
+SAVED_REPO = "arcee-test/tiny-saved"
 TRAINING_INFO = {
     "dataset_name": "arcee-test/digits",
     "path": "gvp",
@@ -85,17 +86,24 @@ def main(out_path: str) -> None:
     report["card_data"] = card.data.to_dict()
     report["card_text"] = card.text
 
-    # a re-save writes the native layout again; pushing the reloaded pipeline re-applies the Hub layout
+    # a reloaded pipeline pushes again with the same layout
     reloaded = ArceeZigmaPipeline.from_pretrained(CONDITIONAL_REPO)
     reloaded.push_to_hub(CONDITIONAL_REPO, commit_message="Re-push")
 
     latent = make_pipeline(in_channels=4, vae=tiny_vae())
     latent_images = images(latent)
-    push_pipeline_to_hub(latent, LATENT_REPO, variant="ema", license="cc-by-nc-4.0")
+    latent.push_to_hub(LATENT_REPO, variant="ema", license="cc-by-nc-4.0")
     report["latent_ema"] = compare(
         latent, latent_images, ArceeZigmaPipeline.from_pretrained(LATENT_REPO, variant="ema")
     )
     report["latent_card_data"] = ModelCard.load(LATENT_REPO).data.to_dict()
+
+    # diffusers' save_pretrained(..., push_to_hub=True) route
+    with tempfile.TemporaryDirectory() as folder:
+        latent.save_pretrained(folder, push_to_hub=True, repo_id=SAVED_REPO, commit_message="Saved")
+    report["saved_and_pushed"] = compare(
+        latent, latent_images, ArceeZigmaPipeline.from_pretrained(SAVED_REPO)
+    )
 
     with open(out_path, "w") as file:
         json.dump(report, file, indent=2, default=str)

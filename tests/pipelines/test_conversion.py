@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_pipelines import check_plain_diffusers_load
 
 from arcee_diffusers import ArceeZigmaPipeline, ArceeZigmaTransformer, FlowMatchGVPScheduler
 from arcee_diffusers.conversion import ConversionError, convert_checkpoint
@@ -193,6 +194,7 @@ def test_conditional_checkpoint_with_vae_folder(tmp_path, tiny_vae):
     pipe.scheduler = FlowMatchGVPScheduler.from_config(pipe.scheduler.config, solver="euler")
     images = pipe(class_labels=[1], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 8, 8, 3)
+    check_plain_diffusers_load(tmp_path / "out", class_labels=[1, 2])  # the folder's own sampler: dopri5
 
 
 def test_script_converts_and_checks_the_model_name(tmp_path):

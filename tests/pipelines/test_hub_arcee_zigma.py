@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from arcee_diffusers.hub import REEXPORTS, to_native_layout, write_hub_layout
+from arcee_diffusers.pipelines.folder_layout import REEXPORTS, to_native_layout, write_reexport_layout
 from tests.hub_server import HubServer
 
 CLIENT = Path(__file__).with_name("hub_roundtrip_client.py")
 CONDITIONAL_REPO = "arcee-test/tiny-conditional"
 LATENT_REPO = "arcee-test/tiny-latent"
+SAVED_REPO = "arcee-test/tiny-saved"
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,7 @@ def test_model_card_metadata_and_content(round_trip):
     assert "arxiv.org/abs/2511.11243" in text
     assert "| learning_rate | 0.0003 |" in text and "| dataset_name | arcee-test/digits |" in text
     assert "hf_secret_that_must_not_leak" not in text and "hub_token" not in text
+    assert "/tmp/run" not in text and "output_dir" not in text  # local paths stay on the training machine
     assert "| FID | 15.33 | 1000 | dopri5 (atol 1e-06, rtol 0.001) | 74 |" in text
     assert "| guidance_1/accuracy | 0.9312 |" in text
 
@@ -132,6 +134,18 @@ def test_latent_pipeline_with_vae_and_ema_variant(round_trip):
     assert "model-index" not in card and "eval_results" not in card
 
 
+def test_save_pretrained_with_push_to_hub_uploads_the_folder(round_trip):
+    server, report = round_trip
+    saved = report["saved_and_pushed"]
+    assert saved["is_our_pipeline_class"] and saved["weights_bit_equal"] and saved["has_vae"]
+    (commit,) = server.repos[SAVED_REPO].commits
+    assert commit.message == "Saved" and b"library_name: diffusers" in commit.files["README.md"]
+    assert json.loads(commit.files["model_index.json"])["_class_name"] == [
+        "pipeline_arcee_zigma",
+        "ArceeZigmaPipeline",
+    ]
+
+
 def test_layout_helpers_are_inverse(tmp_path):
     index = {
         "_class_name": "ArceeZigmaPipeline",
@@ -142,7 +156,7 @@ def test_layout_helpers_are_inverse(tmp_path):
         "vae": [None, None],
     }
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    write_hub_layout(tmp_path)
+    write_reexport_layout(tmp_path)
     hub_index = json.loads((tmp_path / "model_index.json").read_text())
     assert hub_index["_class_name"] == list(REEXPORTS["_class_name"])
     assert hub_index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]  # not ours: unchanged

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from arcee_diffusers import ArceeZigmaPipeline
-from arcee_diffusers.hub import write_repo_template
-from arcee_diffusers.models.variants import PAPER_VARIANTS
+from arcee_diffusers.hub_templates import write_repo_template
+from arcee_diffusers.models.variants import VARIANTS_BY_NAME
 
 HUB_CONFIGS = Path(__file__).resolve().parents[2] / "hub_configs"
 
@@ -20,7 +20,7 @@ def _without_version(text: str) -> list[str]:
     return [line for line in text.splitlines() if "_diffusers_version" not in line]
 
 
-@pytest.mark.parametrize("variant", ["arcee-1-b2", "zigma-4-b2", "arcee-vim-b2", "arcee-tiny"])
+@pytest.mark.parametrize("variant", ["arcee-1-b2", "zigma-4-b2", "arcee-vim-b2", "arcee-1-tiny"])
 def test_committed_template_equals_a_fresh_generation(variant, tmp_path):
     committed = HUB_CONFIGS / variant
     fresh = tmp_path / variant
@@ -34,7 +34,7 @@ def test_committed_template_equals_a_fresh_generation(variant, tmp_path):
         assert _without_version(fresh_text) == _without_version(committed_text), relative
 
 
-@pytest.mark.parametrize("variant", sorted(PAPER_VARIANTS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS_BY_NAME))
 def test_template_is_a_hub_layout_of_the_paper_setup(variant):
     folder = HUB_CONFIGS / variant
     index = json.loads((folder / "model_index.json").read_text())

@@ -17,7 +17,14 @@ from diffusers import (
     FlowMatchHeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
-from tiny_pipelines import NUM_CLASSES, make_pipeline, seeded, tiny_transformer, tiny_vae
+from tiny_pipelines import (
+    NUM_CLASSES,
+    check_plain_diffusers_load,
+    make_pipeline,
+    seeded,
+    tiny_transformer,
+    tiny_vae,
+)
 
 from arcee_diffusers import ArceeZigmaPipeline, FlowMatchGVPScheduler
 
@@ -119,6 +126,33 @@ def test_save_load_local(pipe, tmp_path):
     images = loaded(num_inference_steps=3, generator=seeded(), output_type="np").images
     # bit-equal weights; BLAS results can still move by an ulp with the loaded tensors' memory alignment
     np.testing.assert_allclose(images, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("latent", [False, True])
+def test_saved_folder_loads_with_plain_diffusers(tmp_path, latent):
+    if latent:
+        pipe, call = make_pipeline(vae=tiny_vae(), in_channels=4), {"batch_size": 2}
+    else:
+        pipe, call = make_pipeline(num_classes=NUM_CLASSES), {"class_labels": [1, 3], "guidance_scale": 2.0}
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_arcee_zigma", "ArceeZigmaPipeline"]
+    assert (tmp_path / "transformer" / "modeling_arcee_zigma.py").is_file()
+    check_plain_diffusers_load(tmp_path, num_inference_steps=3, **call)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("./no/such/folder", r"no such folder, and not a Hub repo id \('namespace/name'\)$"),
+        ("no-such-namespace/no-such-model", "no such folder, and the Hub could not provide it"),
+    ],
+)
+def test_from_pretrained_of_a_missing_folder_says_so(name, message, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no network here or in CI
+    with pytest.raises(FileNotFoundError, match=message) as error:
+        ArceeZigmaPipeline.from_pretrained(name)
+    assert "\n" not in str(error.value) and name in str(error.value)
 
 
 def test_save_load_variant(pipe, tmp_path):

@@ -1,9 +1,11 @@
-"""Tiny random-weight ArceeZigmaPipelines for fast CPU tests (shared by the pipeline and Hub tests)."""
+"""Tiny random-weight ArceeZigmaPipelines for fast CPU tests, and the check that a saved folder loads with
+plain diffusers (shared by the pipeline, Hub, conversion and training tests)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DiffusionPipeline
 
 from arcee_diffusers import ArceeZigmaPipeline, ArceeZigmaTransformer, FlowMatchGVPScheduler
 
@@ -55,3 +57,21 @@ def make_pipeline(num_classes=None, scheduler=None, vae=None, in_channels=3, **k
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def check_plain_diffusers_load(folder, **call_kwargs) -> None:
+    """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` gives our classes and the same
+    images as `ArceeZigmaPipeline.from_pretrained(folder)`, for the same call (`call_kwargs`) and seed."""
+    ours = ArceeZigmaPipeline.from_pretrained(folder)
+    plain = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(plain) is ArceeZigmaPipeline
+    assert {name: type(c) for name, c in plain.components.items()} == {
+        name: type(c) for name, c in ours.components.items()
+    }
+    images = []
+    for pipe in (ours, plain):
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe(**call_kwargs, generator=seeded(0), output_type="np").images)
+    assert np.isfinite(images[0]).all()
+    # bit-equal weights; BLAS results can still move by an ulp with the loaded tensors' memory alignment
+    np.testing.assert_allclose(images[1], images[0], atol=1e-5, rtol=0)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from arcee_diffusers.experiments.table2 import ROWS
+from arcee_diffusers.experiments.rows import ROWS
+from arcee_diffusers.models.variants import TABLE2_VARIANTS
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes" / "celebahq256"
@@ -131,6 +132,9 @@ def test_launch_and_eval_commands_are_the_readme_table(row, inputs, tmp_path):
     assert launcher[:2] == ["accelerate", "launch"] and "--multi_gpu" in launch
     assert launch["--num_processes"] == processes and launch["--mixed_precision"] == "no"
     assert flags["--model_config"] == str(REPO / published["--model_config"])
+    # the row's template is the variant table's entry for that row
+    (variant,) = [variant for variant in TABLE2_VARIANTS if variant.row == row]
+    assert published["--model_config"] == f"hub_configs/{variant.name}/transformer"
     for flag in ("--max_train_steps", "--train_batch_size", "--gradient_accumulation_steps"):
         assert flags[flag] == published[flag], flag
     per_process = int(flags["--train_batch_size"]) * int(flags["--gradient_accumulation_steps"])

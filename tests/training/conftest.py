@@ -30,17 +30,29 @@ TINY_RUN = [
 ]
 
 
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("train_fm", TRAIN_SCRIPT)
+def load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["train_fm"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_train_script():
+    return load_module("train_fm", TRAIN_SCRIPT)
 
 
 @pytest.fixture(scope="session")
 def train_fm():
     return load_train_script()
+
+
+@pytest.fixture(scope="session")
+def check_plain_diffusers_load():
+    """tests/pipelines/tiny_pipelines.py's check that a saved folder loads with plain diffusers."""
+    return load_module(
+        "tiny_pipelines", REPO / "tests" / "pipelines" / "tiny_pipelines.py"
+    ).check_plain_diffusers_load
 
 
 @pytest.fixture

@@ -24,7 +24,9 @@ def weights(folder, variant=None):
     return load_file(folder / "transformer" / name)
 
 
-def test_pixel_unconditional_run_saves_loadable_pipeline(run_training, image_folder, tmp_path):
+def test_pixel_unconditional_run_saves_loadable_pipeline(
+    run_training, image_folder, tmp_path, check_plain_diffusers_load
+):
     out = tmp_path / "out"
     run_training(out, "--train_data_dir", str(image_folder), "--max_train_steps", "3", "--path", "linear")
 
@@ -39,6 +41,7 @@ def test_pixel_unconditional_run_saves_loadable_pipeline(run_training, image_fol
     assert ema.keys() == raw.keys()
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
     assert not any(p.name.startswith(".checkpoint") for p in out.iterdir())
+    check_plain_diffusers_load(out, batch_size=2, num_inference_steps=2)
 
 
 def test_class_conditional_run_samples_with_guidance(run_training, image_folder, tmp_path):
@@ -53,7 +56,9 @@ def test_class_conditional_run_samples_with_guidance(run_training, image_folder,
     assert (out / "samples.png").is_file()
 
 
-def test_latent_run_encodes_the_dataset_once(run_training, image_folder, tiny_vae_dir, tmp_path, monkeypatch):
+def test_latent_run_encodes_the_dataset_once(
+    run_training, image_folder, tiny_vae_dir, tmp_path, monkeypatch, check_plain_diffusers_load
+):
     out = tmp_path / "out"
     common = ["--train_data_dir", str(image_folder), "--vae", str(tiny_vae_dir), "--random_flip"]
     run_training(out, *common, "--max_train_steps", "2", "--checkpointing_steps", "2")
@@ -70,6 +75,7 @@ def test_latent_run_encodes_the_dataset_once(run_training, image_folder, tiny_va
     assert pipe.transformer.config.sample_size == 4
     images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 8, 8, 3)
+    check_plain_diffusers_load(out, batch_size=1, num_inference_steps=2)
 
 
 def test_runs_sharing_a_latent_cache_encode_it_once(tmp_path):

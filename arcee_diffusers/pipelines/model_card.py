@@ -1,37 +1,16 @@
-"""Hub repos for ArceeZigmaPipeline: the repo layout, the model card and the push.
-
-diffusers 0.42 resolves a component's class from the Hub only through files inside the repo, so a pushed repo
-carries one-line re-export files that import the real classes from ``arcee_diffusers`` and
-``model_index.json`` names them ("Hub layout"):
-
-- ``pipeline_arcee_zigma.py`` -> ``ArceeZigmaPipeline`` (``_class_name``)
-- ``transformer/modeling_arcee_zigma.py`` -> ``ArceeZigmaTransformer``
-- ``scheduler/scheduling_gvp_flow.py`` -> ``FlowMatchGVPScheduler`` (only when the scheduler is ours)
-
-``DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)`` then returns our real classes.
-``ArceeZigmaPipeline.from_pretrained`` reads both layouts without running any file of the repo
-(``to_native_layout``). ``save_pretrained`` writes the native layout; ``push_pipeline_to_hub`` re-applies the
-Hub layout to what it uploads.
-"""
+"""The model card of an ``ArceeZigmaPipeline``, generated from its config and the run that made it (template:
+``model_card_template.md`` beside this file)."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-REEXPORTS: dict[str, tuple[str, str]] = {
-    "_class_name": ("pipeline_arcee_zigma", "ArceeZigmaPipeline"),
-    "transformer": ("modeling_arcee_zigma", "ArceeZigmaTransformer"),
-    "scheduler": ("scheduling_gvp_flow", "FlowMatchGVPScheduler"),
-}
-REEXPORT_SOURCE = '''"""Loads {class_name} from the arcee-diffusers package; no other code here runs."""
+from ..models.variants import PRESETS, display_name
 
-from arcee_diffusers import {class_name}  # noqa: F401
-'''
-TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 PAPER_URL = "https://arxiv.org/abs/2511.11243"
 PIPELINE_TAG = "unconditional-image-generation"
 # training arguments shown in the card's recipe table, in this order (others go to the JSON block)
@@ -63,61 +42,13 @@ METRICS = {"fid": ("fid", "FID"), "kid_x1e3": ("kid", "KID×10³"), "kid": ("kid
 CONTEXT_KEYS = ("num_samples", "num_generated", "nfe", "guidance_scale")
 
 
-def _entry_class(entry: Any) -> str | None:
-    if isinstance(entry, str):
-        return entry
-    if isinstance(entry, (list, tuple)) and len(entry) == 2:
-        return entry[1]
-    return None
-
-
-def write_hub_layout(folder: str | os.PathLike) -> None:
-    """Turn a saved pipeline folder into the Hub layout (re-export files, `model_index.json` naming them)."""
-    folder = Path(folder)
-    index_path = folder / "model_index.json"
-    index = json.loads(index_path.read_text())
-    for key, (module, class_name) in REEXPORTS.items():
-        if _entry_class(index.get(key)) != class_name:
-            continue
-        target = folder if key == "_class_name" else folder / key
-        target.mkdir(parents=True, exist_ok=True)
-        (target / f"{module}.py").write_text(REEXPORT_SOURCE.format(class_name=class_name))
-        index[key] = [module, class_name]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def to_native_layout(config: dict[str, Any]) -> dict[str, Any]:
-    """Map a Hub-layout `model_index.json` dict back to our own modules, in place (and return it).
-
-    Components get the defining module, as `save_pretrained` writes it: diffusers finds a component's base
-    class (hence its loading method) among the names of that module.
-    """
-    import arcee_diffusers
-
-    for key, (module, class_name) in REEXPORTS.items():
-        entry = config.get(key)
-        if isinstance(entry, (list, tuple)) and list(entry) == [module, class_name]:
-            defining_module = getattr(arcee_diffusers, class_name).__module__
-            config[key] = class_name if key == "_class_name" else [defining_module, class_name]
-    return config
-
-
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
 
 
-def _variant_name(config) -> str:
-    chain = config.state_chain
-    if config.scan_pattern == "bidirectional":
-        return "ArceeVim" if chain else "Vision Mamba"
-    return f"{'Arcee' if chain else 'Zigma'}-{config.num_scan_orders}"
-
-
 def _preset_name(config) -> str | None:
-    from .models import PRESETS
-
     for name, preset in PRESETS.items():
         same_shape = all(config.get(key) == value for key, value in preset.items() if key != "scan_pattern")
         if same_shape and preset.get("scan_pattern", "zigzag") == config.scan_pattern:
@@ -237,14 +168,18 @@ def model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     config = pipe.transformer.config
-    training_info = {key: value for key, value in (training_info or {}).items() if "token" not in key.lower()}
+    training_info = {
+        key: value
+        for key, value in (training_info or {}).items()
+        if "token" not in key.lower() and key not in LOCAL_ONLY_KEYS
+    }
     dataset_id = training_info.get("dataset_name")
     if datasets is None and dataset_id:
         datasets = [dataset_id]
     dataset_label = dataset_id or (
         Path(training_info["train_data_dir"]).name if training_info.get("train_data_dir") else "custom"
     )
-    variant_name = _variant_name(config)
+    variant_name = display_name(config)
     preset = _preset_name(config)
     conditional = config.num_classes is not None
     flow_path = pipe.config.flow_path
@@ -322,110 +257,3 @@ def model_card(
         eval_rows=eval_rows,
         other_measurements=other_measurements,
     )
-
-
-def push_pipeline_to_hub(
-    pipe,
-    repo_id: str,
-    *,
-    training_info: dict[str, Any] | None = None,
-    eval_results: dict[str, Any] | None = None,
-    license: str = "apache-2.0",
-    datasets: list[str] | None = None,
-    tags: list[str] | None = None,
-    private: bool | None = None,
-    token: str | None = None,
-    commit_message: str = "Upload ArceeZigmaPipeline",
-    create_pr: bool = False,
-    variant: str | None = None,
-    safe_serialization: bool = True,
-):
-    """Save `pipe` in the Hub layout with a generated model card and upload it; returns the `CommitInfo`.
-
-    Creates the repo if needed (`private`, `token` as in `huggingface_hub.create_repo`), saves the pipeline
-    (`variant` names the weight files, e.g. `"ema"`), writes the re-export files (`write_hub_layout`) and a
-    README.md from [`model_card`] (`training_info`, `eval_results`, `license`, `datasets`, `tags`), then
-    uploads the folder in one commit. Weights are always safetensors.
-    """
-    from huggingface_hub import HfApi
-
-    if not safe_serialization:
-        raise ValueError("safe_serialization must be True: arcee-diffusers saves and loads safetensors only")
-    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
-        raise ValueError(f"repo_id must be 'namespace/name' or 'name', got {repo_id!r}")
-    api = HfApi(token=token)
-    if "/" not in repo_id:
-        repo_id = f"{api.whoami()['name']}/{repo_id}"
-    card = model_card(
-        pipe,
-        repo_id,
-        training_info=training_info,
-        eval_results=eval_results,
-        license=license,
-        datasets=datasets,
-        tags=tags,
-        variant=variant,
-    )
-    with tempfile.TemporaryDirectory() as folder:
-        # everything is written before the repo is created, so a failure leaves no empty repo behind
-        pipe.save_pretrained(folder, variant=variant)
-        write_hub_layout(folder)
-        card.save(os.path.join(folder, "README.md"))
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=commit_message, create_pr=create_pr
-        )
-
-
-# stabilityai/sd-vae-ft-ema, the paper's VAE (the SD-VAE architecture; latents x 0.18215)
-SD_VAE_NAME = "stabilityai/sd-vae-ft-ema"
-SD_VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 256,
-    "scaling_factor": 0.18215,
-}
-
-
-def write_repo_template(folder: str | os.PathLike, repo_id: str) -> list[Path]:
-    """Complete `folder` (which holds `transformer/config.json`) into a Hub repo template, weights aside.
-
-    Writes `model_index.json` and the re-export files (Hub layout), `scheduler/scheduler_config.json` (the
-    paper's sampler: GVP path, dopri5, atol 1e-6, rtol 1e-3), `vae/config.json` (sd-vae-ft-ema) for latent
-    models, and a README.md model card. `push_pipeline_to_hub` regenerates all of them, with the weights.
-    Returns the written paths.
-    """
-    import torch
-    from diffusers import AutoencoderKL
-
-    from .models import ArceeZigmaTransformer
-    from .pipelines import ArceeZigmaPipeline
-    from .schedulers import FlowMatchGVPScheduler
-
-    folder = Path(folder)
-    config = ArceeZigmaTransformer.load_config(folder / "transformer")
-    with torch.device("meta"):  # configs and parameter counts only: no weights are allocated
-        transformer = ArceeZigmaTransformer.from_config(config)
-        vae = AutoencoderKL(**SD_VAE_CONFIG) if config["in_channels"] == 4 else None
-    scheduler = FlowMatchGVPScheduler(path="gvp", solver="dopri5", atol=1e-6, rtol=1e-3)
-    pipe = ArceeZigmaPipeline(transformer, scheduler, vae=vae)
-
-    pipe.save_config(folder)
-    scheduler.save_config(folder / "scheduler")
-    written = [folder / "model_index.json", folder / "scheduler" / "scheduler_config.json"]
-    if vae is not None:
-        vae.save_config(folder / "vae")
-        written.append(folder / "vae" / "config.json")
-    write_hub_layout(folder)
-    written += sorted(folder.glob("*.py")) + sorted(folder.glob("*/*.py"))
-    card = model_card(pipe, repo_id, vae_name=SD_VAE_NAME if vae is not None else None, tags=["template"])
-    card.save(folder / "README.md")
-    written.append(folder / "README.md")
-    return written

@@ -1,0 +1,59 @@
+"""Hub repo templates of the variant table: ``hub_configs/<variant>/``, every file of a Hub repo but the
+weights (``python hub_configs/generate.py`` writes them; a test keeps the committed ones in step)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from .models import VARIANTS, ArceeZigmaTransformer
+from .models.variants import SD_VAE_CONFIG, SD_VAE_NAME
+from .pipelines import ArceeZigmaPipeline
+from .pipelines.folder_layout import write_reexport_layout
+from .pipelines.model_card import model_card
+from .schedulers import FlowMatchGVPScheduler
+
+
+def write_hub_configs(root: str | os.PathLike) -> list[Path]:
+    """Write ``<root>/<variant>/transformer/config.json`` for every variant; returns the paths."""
+    paths = []
+    for variant in VARIANTS:
+        with torch.device("meta"):  # only the config is needed: skip allocating and initialising weights
+            model = ArceeZigmaTransformer(**variant.config)
+        folder = Path(root) / variant.name / "transformer"
+        model.save_config(folder)
+        paths.append(folder / "config.json")
+    return paths
+
+
+def write_repo_template(folder: str | os.PathLike, repo_id: str) -> list[Path]:
+    """Complete `folder` (which holds `transformer/config.json`) into a Hub repo template, weights aside.
+
+    Writes `model_index.json` and the re-export files, `scheduler/scheduler_config.json` (the paper's
+    sampler: GVP path, dopri5, atol 1e-6, rtol 1e-3), `vae/config.json` (sd-vae-ft-ema) for latent models,
+    and a README.md model card. `ArceeZigmaPipeline.push_to_hub` regenerates all of them, with the weights.
+    Returns the written paths.
+    """
+    folder = Path(folder)
+    config = ArceeZigmaTransformer.load_config(folder / "transformer")
+    with torch.device("meta"):  # configs and parameter counts only: no weights are allocated
+        transformer = ArceeZigmaTransformer.from_config(config)
+        vae = AutoencoderKL(**SD_VAE_CONFIG) if config["in_channels"] == 4 else None
+    scheduler = FlowMatchGVPScheduler(path="gvp", solver="dopri5", atol=1e-6, rtol=1e-3)
+    pipe = ArceeZigmaPipeline(transformer, scheduler, vae=vae)
+
+    pipe.save_config(folder)
+    scheduler.save_config(folder / "scheduler")
+    written = [folder / "model_index.json", folder / "scheduler" / "scheduler_config.json"]
+    if vae is not None:
+        vae.save_config(folder / "vae")
+        written.append(folder / "vae" / "config.json")
+    write_reexport_layout(folder)
+    written += sorted(folder.glob("*.py")) + sorted(folder.glob("*/*.py"))
+    card = model_card(pipe, repo_id, vae_name=SD_VAE_NAME if vae is not None else None, tags=["template"])
+    card.save(folder / "README.md")
+    written.append(folder / "README.md")
+    return written
