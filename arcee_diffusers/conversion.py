@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
 from torch import Tensor
 
-from .models import VARIANTS, ArceeZigmaTransformer
+from .models import PRESETS, VARIANTS, ArceeZigmaTransformer
 from .models.scan_orders import inverse_permutation, zigzag_paths
-from .models.variants import LAYOUT_KEYS, SD_VAE_NAME, layout_of
+from .models.variants import DEMO_PRESET, LAYOUT_KEYS, SD_VAE_NAME, layout_of
+from .pipelines import ArceeZigmaPipeline
+from .schedulers import PAPER_SOLVER, FlowMatchGVPScheduler
 
 # published --scan-type -> our scan layout (the variant table's published_scan_type column)
 PUBLISHED_SCAN_TYPES: dict[str, dict[str, Any]] = {
@@ -40,21 +43,17 @@ PUBLISHED_SCAN_TYPES: dict[str, dict[str, Any]] = {
     for variant in VARIANTS
     if variant.published_scan_type is not None
 }
-# published --model -> (depth, width, patch); "Arcee-*" and "Zigma-*" are one architecture, named after
-# the mixer the scan type picks, and Vim-B/2 is Vision Mamba's size
-_SIZES = {
-    "XS/2": (24, 448, 2),
-    "XS/1": (24, 368, 1),
-    "B/2": (24, 768, 2),
-    "B/1": (24, 768, 1),
-    "XB/2": (24, 1024, 2),
-    "XB/1": (24, 1024, 1),
-    "L/2": (48, 1024, 2),
-    "L/1": (48, 1024, 1),
+# published --model -> (depth, width, patch): "Arcee-" / "Zigma-" + each published size (one architecture,
+# named after the mixer the scan type picks), and Vision Mamba's Vim-B/2
+_SHAPES = {
+    size: (preset["num_layers"], preset["hidden_size"], preset["patch_size"])
+    for size, preset in PRESETS.items()
+    if size != DEMO_PRESET
 }
+_VIM_SHAPE = _SHAPES.pop("Vim-B/2")
 PUBLISHED_MODELS: dict[str, tuple[int, int, int]] = {
-    **{f"{family}-{size}": shape for family in ("Arcee", "Zigma") for size, shape in _SIZES.items()},
-    "Vim-B/2": (20, 768, 2),
+    **{f"{family}-{size}": shape for size, shape in _SHAPES.items() for family in ("Arcee", "Zigma")},
+    "Vim-B/2": _VIM_SHAPE,
 }
 # the scan-type prefix each model family runs with
 _FAMILY_SCAN_TYPES = {"Arcee": ("Arcee_",), "Zigma": ("Zigma_",), "Vim": ("V2",)}
@@ -349,7 +348,7 @@ def convert_checkpoint(
     model: str | None = None,
     vae: str | os.PathLike | None = SD_VAE_NAME,
     path: str | None = None,
-):
+) -> ArceeZigmaPipeline:
     """Write a pipeline folder from a published checkpoint; returns the ``ArceeZigmaPipeline``.
 
     The EMA weights become the transformer, the raw weights (``model``) its ``raw`` variant. The scheduler
@@ -357,11 +356,6 @@ def convert_checkpoint(
     ``--path-type``, else GVP). ``vae``: an ``AutoencoderKL`` folder or repo id saved into the folder (the
     paper's SD-VAE by default); None writes no VAE (then pass ``vae=`` to ``from_pretrained``).
     """
-    from diffusers import AutoencoderKL
-
-    from .pipelines import ArceeZigmaPipeline
-    from .schedulers import FlowMatchGVPScheduler
-
     scan_type = resolve_scan_type(scan_type)
     contents = load_published_checkpoint(checkpoint)
     stored = training_args(contents)
@@ -394,7 +388,7 @@ def convert_checkpoint(
 
     transformer = ArceeZigmaTransformer.from_config(config)
     transformer.load_state_dict(weights["ema"])
-    scheduler = FlowMatchGVPScheduler(path=path, solver="dopri5", atol=1e-6, rtol=1e-3)
+    scheduler = FlowMatchGVPScheduler(path=path, **PAPER_SOLVER)
     pipeline = ArceeZigmaPipeline(transformer, scheduler, vae=vae)
     pipeline.save_pretrained(output_dir)
     if "model" in weights:

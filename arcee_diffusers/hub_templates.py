@@ -14,7 +14,7 @@ from .models.variants import SD_VAE_CONFIG, SD_VAE_NAME
 from .pipelines import ArceeZigmaPipeline
 from .pipelines.folder_layout import write_reexport_layout
 from .pipelines.model_card import model_card
-from .schedulers import FlowMatchGVPScheduler
+from .schedulers import PAPER_SOLVER, FlowMatchGVPScheduler
 
 
 def write_hub_configs(root: str | os.PathLike) -> list[Path]:
@@ -42,7 +42,7 @@ def write_repo_template(folder: str | os.PathLike, repo_id: str) -> list[Path]:
     with torch.device("meta"):  # configs and parameter counts only: no weights are allocated
         transformer = ArceeZigmaTransformer.from_config(config)
         vae = AutoencoderKL(**SD_VAE_CONFIG) if config["in_channels"] == 4 else None
-    scheduler = FlowMatchGVPScheduler(path="gvp", solver="dopri5", atol=1e-6, rtol=1e-3)
+    scheduler = FlowMatchGVPScheduler(path="gvp", **PAPER_SOLVER)
     pipe = ArceeZigmaPipeline(transformer, scheduler, vae=vae)
 
     pipe.save_config(folder)

@@ -40,14 +40,6 @@ POOL_TYPES = ("", "avg", "max")
 DATA_END_TIME = 1.0
 # Parts of an ArceeZigmaTransformer checkpoint that the timm model does not have.
 _DIFFUSERS_ONLY_PREFIXES = ("time_embed.", "label_embed.", "final_layer.")
-# diffusers config entry -> timm model argument that must agree with it (the weights cannot tell).
-_CONFIG_TO_MODEL_ARGS = {
-    "sample_size": "img_size",
-    "patch_size": "patch_size",
-    "scan_pattern": "scan_pattern",
-    "num_scan_orders": "num_scan_orders",
-    "state_chain": "state_chain",
-}
 # diffusers config entry -> timm model argument, for the architecture (input size and channels aside)
 _ARCHITECTURE_ARGS = {
     "patch_size": "patch_size",
@@ -60,6 +52,9 @@ _ARCHITECTURE_ARGS = {
     "d_conv": "d_conv",
     "expand": "expand",
 }
+# the config entries a checkpoint's config.json must agree on with the model (the weights cannot tell)
+_CHECKED_KEYS = ("patch_size", "scan_pattern", "num_scan_orders", "state_chain")
+_CONFIG_TO_MODEL_ARGS = {"sample_size": "img_size", **{key: _ARCHITECTURE_ARGS[key] for key in _CHECKED_KEYS}}
 
 _checkpoint = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 

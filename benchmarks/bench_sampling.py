@@ -29,7 +29,7 @@ from diffusers import (
 )
 
 from arcee_diffusers import ArceeZigmaPipeline, ArceeZigmaTransformer, FlowMatchGVPScheduler
-from arcee_diffusers.schedulers import get_flow_path, sample_flow
+from arcee_diffusers.schedulers import PAPER_SOLVER, get_flow_path, sample_flow
 
 FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 # name -> (scheduler factory, num_inference_steps; None = adaptive)
@@ -38,7 +38,7 @@ PIPELINE_SOLVERS = {
     "heun-25": (lambda: FlowMatchGVPScheduler(solver="heun"), 25),
     "dpm++flow-25": (lambda: DPMSolverMultistepScheduler(**FLOW), 25),
     "unipc-flow-25": (lambda: UniPCMultistepScheduler(**FLOW), 25),
-    "dopri5 (paper)": (lambda: FlowMatchGVPScheduler(solver="dopri5", atol=1e-6, rtol=1e-3), None),
+    "dopri5 (paper)": (lambda: FlowMatchGVPScheduler(**PAPER_SOLVER), None),
 }
 GAUSSIAN_SOLVERS = {
     "euler": lambda: FlowMatchGVPScheduler(solver="euler"),

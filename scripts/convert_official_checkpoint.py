@@ -15,6 +15,7 @@ import sys
 
 from arcee_diffusers.conversion import PUBLISHED_SCAN_TYPES, convert_checkpoint
 from arcee_diffusers.models.variants import SD_VAE_NAME
+from arcee_diffusers.schedulers.flow_paths import PATHS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f'AutoencoderKL folder or repo id to include (default {SD_VAE_NAME}); "none" for no VAE.',
     )
     parser.add_argument(
-        "--path", choices=["gvp", "linear"], help="Flow path (default: the checkpoint's, else gvp)."
+        "--path", choices=sorted(PATHS), help="Flow path (default: the checkpoint's, else gvp)."
     )
     return parser.parse_args(argv)
 

@@ -7,7 +7,7 @@
 With neither --dataset_name nor --train_data_dir it trains a small class-conditional model on
 scikit-learn's bundled digits and ends by writing samples.png and metrics.json (see docs/training.md).
 The options and both recipes are in arcee_diffusers/training/cli.py, the training loop, checkpoints and
-evaluation in arcee_diffusers/training/training.py.
+evaluation in arcee_diffusers/training/trainer.py.
 """
 
 from __future__ import annotations

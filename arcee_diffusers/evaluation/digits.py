@@ -16,7 +16,6 @@ It gives two numbers at the digits' native 8×8:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from cleanfid.fid import frechet_distance
 from torch import nn
+
+from .threads import single_thread
 
 
 def load_real_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +75,7 @@ def train_digit_classifier(
         torch.manual_seed(seed)
         model = DigitClassifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    with _single_thread():
+    with single_thread():
         for _ in range(steps):
             noisy = x + 0.1 * torch.randn(x.shape, generator=generator)
             loss = F.cross_entropy(model(noisy), y)
@@ -82,18 +83,6 @@ def train_digit_classifier(
             loss.backward()
             optimizer.step()
     return model.eval().requires_grad_(False)
-
-
-@contextlib.contextmanager
-def _single_thread():
-    # these matmuls are far too small to share: a second intra-op thread makes them slower, and many times
-    # slower when the other core is busy
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @functools.cache

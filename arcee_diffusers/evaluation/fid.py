@@ -126,17 +126,31 @@ def compute_fid_kid(
     cache_dir: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 64,
+    real_folder: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """FID and KID×10³ of ``generated`` (a folder or a list of image files) against ``reference_folder``,
-    whose features are cached."""
-    real = reference_features(
-        reference_folder, feature_extractor, extractor_name, cache_dir, device, batch_size
-    )
+    whose features are cached.
+
+    With ``real_folder`` (real images outside the reference, as many as generated; features cached too) also
+    their FID and KID×10³ against the reference (``fid_real``, ``kid_x1e3_real``: what a perfect generator
+    would score with as many samples) and ``frechet_ratio``, the samples' FID over ``fid_real``.
+    """
+    options = (feature_extractor, extractor_name, cache_dir, device, batch_size)
+    reference = reference_features(reference_folder, *options)
     generated = folder_features(generated, feature_extractor, device, batch_size)
-    metrics = fid_kid_from_features(generated, real)
-    return {
-        **metrics,
+    metrics = {
+        **fid_kid_from_features(generated, reference),
         "num_generated": len(generated),
-        "num_reference": len(real),
+        "num_reference": len(reference),
         "feature_extractor": extractor_name,
     }
+    if real_folder is not None:
+        real = reference_features(real_folder, *options)
+        floor = fid_kid_from_features(real, reference)
+        metrics.update(
+            fid_real=floor["fid"],
+            kid_x1e3_real=floor["kid_x1e3"],
+            num_real=len(real),
+            frechet_ratio=metrics["fid"] / floor["fid"],
+        )
+    return metrics

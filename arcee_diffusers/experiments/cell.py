@@ -225,19 +225,23 @@ def training_summary(folder: Path) -> dict:
 
 
 def headline_metrics(metrics: dict) -> dict:
-    """The sample metrics of the table: the digit Fréchet ratio at guidance 1, or FID and KID×10³."""
+    """The sample metrics of the table: the digit Fréchet ratio at guidance 1, or FID and KID×10³ (and their
+    Fréchet ratio when the run measured real images too)."""
     if "guidance_1/frechet_ratio" in metrics:
         return {
             "frechet_ratio": metrics["guidance_1/frechet_ratio"],
             "nfe": metrics["guidance_1/nfe"],
             "num_samples": metrics["guidance_1/num_samples"],
         }
-    return {
+    headline = {
         "fid": metrics["fid"],
         "kid_x1e3": metrics["kid_x1e3"],
         "nfe": metrics["nfe"],
         "num_samples": metrics["num_generated"],
     }
+    if "frechet_ratio" in metrics:
+        headline.update(frechet_ratio=metrics["frechet_ratio"], fid_real=metrics["fid_real"])
+    return headline
 
 
 def _sha256(tensor: torch.Tensor) -> str:

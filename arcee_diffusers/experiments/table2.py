@@ -99,8 +99,9 @@ def parse_grid_args(argv: list[str] | None = None, description: str | None = Non
         raise ValueError("rows and seeds must not repeat")
     if args.final_eval == "none":
         raise ValueError("final_eval: every cell is evaluated (digits, or fid with --fid_reference_dir)")
-    if args.jobs < 1 or args.num_heldout < 1 or args.heldout_draws < 1:
-        raise ValueError("jobs, num_heldout and heldout_draws must be positive")
+    for name in ("jobs", "num_heldout", "heldout_draws"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be a positive int, got {getattr(args, name)}")
 
     args.class_conditional = False
     for key, value in GRID_DEFAULTS.items():

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 SCAN_PATTERNS = ("zigzag", "bidirectional")
-NUM_ZIGZAG_PATHS = 8
 ZIGZAG_SCAN_ORDER_COUNTS = (1, 2, 4, 8)
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Sizes: the paper's (d_state 256, SD-VAE latents 4 x 32 x 32, unconditional); "Tiny/2" is a demo size.
+# Sizes: the published code's --model sizes (d_state 256, SD-VAE latents 4 x 32 x 32, unconditional), and
+# DEMO_PRESET, ours.
+DEMO_PRESET = "Tiny/2"
 PRESETS: dict[str, dict[str, Any]] = {
     "Tiny/2": {"num_layers": 8, "hidden_size": 128, "patch_size": 2},
     "XS/2": {"num_layers": 24, "hidden_size": 448, "patch_size": 2},
@@ -28,7 +30,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "B/2": {"num_layers": 24, "hidden_size": 768, "patch_size": 2},
     "B/1": {"num_layers": 24, "hidden_size": 768, "patch_size": 1},
     "XB/2": {"num_layers": 24, "hidden_size": 1024, "patch_size": 2},
+    "XB/1": {"num_layers": 24, "hidden_size": 1024, "patch_size": 1},
     "L/2": {"num_layers": 48, "hidden_size": 1024, "patch_size": 2},
+    "L/1": {"num_layers": 48, "hidden_size": 1024, "patch_size": 1},
     "Vim-B/2": {"num_layers": 20, "hidden_size": 768, "patch_size": 2, "scan_pattern": "bidirectional"},
 }
 # the paper's VAE (stabilityai/sd-vae-ft-ema: the SD-VAE architecture, latents x 0.18215), for latent models
@@ -113,11 +117,6 @@ def get_variant(name: str) -> Variant:
     if name not in VARIANTS_BY_NAME:
         raise ValueError(f"Unknown variant name {name!r}; expected one of {list(VARIANTS_BY_NAME)}")
     return VARIANTS_BY_NAME[name]
-
-
-def variant_config(name: str) -> dict[str, Any]:
-    """The full transformer config of a variant, e.g. ``variant_config("arcee-4-b2")``."""
-    return get_variant(name).config
 
 
 def layout_of(config: Any) -> tuple[str, int, bool]:

@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from diffusers import DiffusionPipeline
+from huggingface_hub import ModelCard
+
 from ..models.variants import PRESETS, display_name
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
@@ -37,9 +40,25 @@ RECIPE_KEYS = (
     "seed",
 )
 # training arguments that only make sense on the training machine (or are secrets: any key with "token")
-LOCAL_ONLY_KEYS = ("output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint", "report_to")
+LOCAL_ONLY_KEYS = (
+    "output_dir", "logging_dir", "cache_dir", "latent_cache_dir", "resume_from_checkpoint", "report_to",
+    "model_config", "fid_reference_dir", "fid_real_dir",
+)  # fmt: skip
 METRICS = {"fid": ("fid", "FID"), "kid_x1e3": ("kid", "KID×10³"), "kid": ("kid", "KID")}
 CONTEXT_KEYS = ("num_samples", "num_generated", "nfe", "guidance_scale")
+
+
+def public_training_info(training_info: dict[str, Any]) -> dict[str, Any]:
+    """Training arguments fit for a public card: no secrets (keys with "token"), none of the machine's own
+    paths (``LOCAL_ONLY_KEYS``), and a local data or VAE folder named by its last part only."""
+    public = {}
+    for key, value in training_info.items():
+        if "token" in key.lower() or key in LOCAL_ONLY_KEYS:
+            continue
+        if isinstance(value, str | os.PathLike) and os.path.isdir(value):
+            value = Path(value).name
+        public[key] = value
+    return public
 
 
 def _format(value: Any) -> str:
@@ -135,7 +154,7 @@ def _eval_results(
 
 
 def model_card(
-    pipe,
+    pipe: DiffusionPipeline,
     repo_id: str,
     *,
     training_info: dict[str, Any] | None = None,
@@ -145,18 +164,18 @@ def model_card(
     tags: list[str] | None = None,
     variant: str | None = None,
     vae_name: str | None = None,
-):
+) -> ModelCard:
     """A `huggingface_hub.ModelCard` for `pipe`, generated from its config and the run that made it.
 
     Args:
         pipe: the [`ArceeZigmaPipeline`].
         repo_id: the Hub repo id the usage snippet loads.
-        training_info: training arguments (e.g. `vars(args)` of `train_scripts/train_fm.py`); keys containing
-            "token" (secrets) and local paths (`output_dir`, ...) are dropped. `dataset_name` becomes the
+        training_info: training arguments (e.g. `vars(args)` of `train_scripts/train_fm.py`), as
+            `public_training_info` keeps them (no secrets, no local paths). A Hub `dataset_name` becomes the
             card's dataset.
         eval_results: a flat metrics dict; see `_eval_results` for the keys. FID/KID go to the `model-index`.
         license: the weights' license identifier; set it to match the training data's terms.
-        datasets: Hub dataset ids; default `training_info["dataset_name"]` when given.
+        datasets: Hub dataset ids; default `training_info["dataset_name"]` when it is one.
         tags: extra tags.
         variant: the weights' variant name (e.g. `"ema"`), used in the usage snippet.
         vae_name: the VAE's Hub id; default its `_name_or_path` when that is not a local folder.
@@ -165,20 +184,14 @@ def model_card(
     class-conditional task, and these models take no text or image input (a `class-conditional` tag marks
     them).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     config = pipe.transformer.config
-    training_info = {
-        key: value
-        for key, value in (training_info or {}).items()
-        if "token" not in key.lower() and key not in LOCAL_ONLY_KEYS
-    }
-    dataset_id = training_info.get("dataset_name")
-    if datasets is None and dataset_id:
+    dataset_id = (training_info or {}).get("dataset_name")
+    if datasets is None and dataset_id and not os.path.isdir(dataset_id):  # a Hub id, not a local folder
         datasets = [dataset_id]
-    dataset_label = dataset_id or (
-        Path(training_info["train_data_dir"]).name if training_info.get("train_data_dir") else "custom"
-    )
+    training_info = public_training_info(training_info or {})
+    dataset_label = training_info.get("dataset_name") or training_info.get("train_data_dir") or "custom"
     variant_name = display_name(config)
     preset = _preset_name(config)
     conditional = config.num_classes is not None

@@ -14,6 +14,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import CommitInfo
 
 from ..models import ArceeZigmaTransformer
 from ..schedulers.flow_paths import PATHS, get_flow_path
@@ -101,7 +102,7 @@ class ArceeZigmaPipeline(DiffusionPipeline):
         super().__init__()
         check_scheduler(scheduler)
         if flow_path is None:
-            flow_path = scheduler.config.path if is_native_scheduler(scheduler) else "linear"
+            flow_path = scheduler.flow_path.name if is_native_scheduler(scheduler) else "linear"
         if flow_path not in PATHS:
             raise ValueError(f"flow_path must be one of {sorted(PATHS)}, got {flow_path!r}")
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
@@ -110,7 +111,9 @@ class ArceeZigmaPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> ArceeZigmaPipeline:
         """Load from a local folder or a Hub repo id (downloaded with `snapshot_download`, then loaded).
 
         Takes diffusers' `from_pretrained` arguments (`variant="ema"`, `dtype=`/`torch_dtype=`,
@@ -143,8 +146,8 @@ class ArceeZigmaPipeline(DiffusionPipeline):
         """diffusers' `save_pretrained`, plus the re-export files that let plain diffusers load the folder
         (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`; see `folder_layout`).
 
-        With `push_to_hub=True` the folder is then uploaded by [`push_to_hub`] (`repo_id` defaults to the
-        folder's name; `commit_message`, `private`, `create_pr`, `token` are passed on).
+        With `push_to_hub=True` the folder is then uploaded with a model card, as [`push_to_hub`] does
+        (`repo_id` defaults to the folder's name; its other arguments are passed on).
         """
         super().save_pretrained(
             save_directory,
@@ -156,10 +159,31 @@ class ArceeZigmaPipeline(DiffusionPipeline):
         write_reexport_layout(save_directory)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", Path(save_directory).name)
-            self.push_to_hub(repo_id, variant=variant, safe_serialization=safe_serialization, **kwargs)
+            self._upload(save_directory, repo_id, variant=variant, **kwargs)
 
     def push_to_hub(
+        self, repo_id: str, *, variant: str | None = None, safe_serialization: bool = True, **kwargs: Any
+    ) -> CommitInfo:
+        """Upload as a Hub repo with a generated model card; returns the `CommitInfo`.
+
+        Saves the pipeline (`variant` names the weight files, e.g. `"ema"`; safetensors only) with its
+        re-export files, writes a README.md from [`model_card`] and uploads the folder in one commit; the
+        repo loads with this class and with `DiffusionPipeline.from_pretrained(repo_id,
+        trust_remote_code=True)`. `kwargs`: `private`, `token` (as in `huggingface_hub.create_repo`),
+        `commit_message`, `create_pr`, and the card's `training_info`, `eval_results`, `license`,
+        `datasets`, `tags`.
+        """
+        if not safe_serialization:
+            raise ValueError(
+                "safe_serialization must be True: arcee-diffusers saves and loads safetensors only"
+            )
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, variant=variant)
+            return self._upload(folder, repo_id, variant=variant, **kwargs)
+
+    def _upload(
         self,
+        folder: str | os.PathLike,
         repo_id: str,
         *,
         private: bool | None = None,
@@ -167,37 +191,22 @@ class ArceeZigmaPipeline(DiffusionPipeline):
         commit_message: str = "Upload ArceeZigmaPipeline",
         create_pr: bool = False,
         variant: str | None = None,
-        safe_serialization: bool = True,
         **card_options: Any,
-    ):
-        """Upload as a Hub repo with a generated model card; returns the `CommitInfo`.
-
-        Creates the repo if needed (`private`, `token` as in `huggingface_hub.create_repo`), saves the
-        pipeline (`variant` names the weight files, e.g. `"ema"`; safetensors only) with its re-export files,
-        writes a README.md from [`model_card`] (`card_options`: its `training_info`, `eval_results`,
-        `license`, `datasets`, `tags`), then uploads the folder in one commit. The repo loads with this class
-        and with `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)`.
-        """
+    ) -> CommitInfo:
+        """Write the model card into the saved `folder`, create the repo if needed and upload the folder."""
         from huggingface_hub import HfApi
 
-        if not safe_serialization:
-            raise ValueError(
-                "safe_serialization must be True: arcee-diffusers saves and loads safetensors only"
-            )
         if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
             raise ValueError(f"repo_id must be 'namespace/name' or 'name', got {repo_id!r}")
         api = HfApi(token=token)
         if "/" not in repo_id:
             repo_id = f"{api.whoami()['name']}/{repo_id}"
-        card = model_card(self, repo_id, variant=variant, **card_options)
-        with tempfile.TemporaryDirectory() as folder:
-            # everything is written before the repo is created, so a failure leaves no empty repo behind
-            self.save_pretrained(folder, variant=variant)
-            card.save(os.path.join(folder, "README.md"))
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=folder, commit_message=commit_message, create_pr=create_pr
-            )
+        # everything is written before the repo is created, so a failure leaves no empty repo behind
+        model_card(self, repo_id, variant=variant, **card_options).save(os.path.join(folder, "README.md"))
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message, create_pr=create_pr
+        )
 
     def check_inputs(
         self,
@@ -205,7 +214,6 @@ class ArceeZigmaPipeline(DiffusionPipeline):
         class_labels: Any,
         guidance_scale: float,
         num_inference_steps: int | None,
-        generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str],
@@ -244,8 +252,6 @@ class ArceeZigmaPipeline(DiffusionPipeline):
                 f"vae.config.latent_channels ({self.vae.config.latent_channels}) differs from the "
                 f"transformer's in_channels ({config.in_channels})"
             )
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got a list of {len(generator)} generators for a batch of {batch_size}")
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -331,7 +337,6 @@ class ArceeZigmaPipeline(DiffusionPipeline):
             class_labels,
             guidance_scale,
             num_inference_steps,
-            generator,
             latents,
             output_type,
             callback_on_step_end_tensor_inputs,
@@ -341,8 +346,10 @@ class ArceeZigmaPipeline(DiffusionPipeline):
         labels = self.prepare_class_labels(class_labels, batch_size, device)
         if labels is not None:
             batch_size = len(labels)
-            if isinstance(generator, list) and len(generator) != batch_size:
-                raise ValueError(f"got a list of {len(generator)} generators for a batch of {batch_size}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"generator: got a list of {len(generator)} generators for a batch of {batch_size} images"
+            )
         do_guidance = guidance_scale > 1
         if do_guidance:
             null_labels = torch.full_like(labels, config.num_classes)

@@ -103,7 +103,7 @@ def sample_flow(
     """
     check_scheduler(scheduler)
     native = is_native_scheduler(scheduler)
-    if native and scheduler.config.path != flow_path.name:
+    if native and scheduler.flow_path.name != flow_path.name:
         raise ValueError(
             f"the scheduler's path {scheduler.config.path!r} differs from the model's path {flow_path.name!r}"
         )

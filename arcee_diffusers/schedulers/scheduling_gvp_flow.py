@@ -19,6 +19,8 @@ from torch import Tensor
 from .flow_paths import get_flow_path
 
 SOLVERS = ("euler", "heun", "dopri5")
+# the paper's evaluation sampler: FlowMatchGVPScheduler(path=..., **PAPER_SOLVER)
+PAPER_SOLVER = {"solver": "dopri5", "atol": 1e-6, "rtol": 1e-3}
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -1,6 +1,6 @@
 """Training for ``train_scripts/train_fm.py``: its command line (``cli``), the run itself (``trainer``), data,
-latent caching, the loss, the EMA, checkpoints. The entry points of a run are exported here, in the order
-``trainer``'s docstring shows them."""
+latent caching, the loss, the EMA, checkpoints. The entry points of a run are exported here; ``trainer``'s
+docstring shows the order a run calls them in."""
 
 from .checkpointing import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cli import parse_args

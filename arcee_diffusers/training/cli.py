@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..models.scan_orders import SCAN_PATTERNS
+from ..schedulers.flow_paths import PATHS
 from .ema import EMA_SCHEDULES
 from .flow_matching import TIME_SAMPLINGS
 
@@ -35,6 +37,8 @@ DIGITS_DEFAULTS = {
     "num_inference_steps": 16,
     "final_eval": "digits",
 }
+# Any other data: the paper's optimisation (lr 3e-4 constant, batch 16, uniform t, EMA 0.9999), at the demo
+# size Tiny/2 unless --preset or --model_config say otherwise.
 GENERAL_DEFAULTS = {
     "resolution": 256,
     "preset": "Tiny/2",
@@ -74,6 +78,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="Center crop (default). --no-center_crop crops at random, drawn in the data loader: a resumed "
         "run does not reproduce those crops exactly.",
     )
+    group.add_argument(
+        "--pad_to_resolution",
+        action="store_true",
+        help="Pad smaller images to --resolution with black, centred, instead of resizing them (28x28 "
+        "Fashion-MNIST to 32x32: every pixel kept as it is).",
+    )
     group.add_argument("--random_flip", action="store_true")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument(
@@ -90,12 +100,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model_config", help="A folder with a transformer config.json (e.g. hub_configs/...)."
+        "--model_config",
+        help="A transformer config.json's folder, or a pipeline folder with one under transformer/ (e.g. "
+        "hub_configs/arcee-4-b2).",
     )
     group.add_argument("--preset", help="Size preset, e.g. Tiny/2, B/2 (default Tiny/2).")
     for name in ("num_layers", "hidden_size", "patch_size", "d_state", "num_scan_orders"):
         group.add_argument(f"--{name}", type=int)
-    group.add_argument("--scan_pattern", choices=["zigzag", "bidirectional"])
+    group.add_argument("--scan_pattern", choices=SCAN_PATTERNS)
     group.add_argument(
         "--state_chain",
         action=argparse.BooleanOptionalAction,
@@ -107,7 +119,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--gradient_checkpointing", action="store_true")
 
     group = parser.add_argument_group("objective and optimisation")
-    group.add_argument("--path", default="gvp", choices=["gvp", "linear"])
+    group.add_argument("--path", default="gvp", choices=sorted(PATHS))
     group.add_argument("--weighting_scheme", choices=TIME_SAMPLINGS, help="t sampling (uniform).")
     group.add_argument("--logit_mean", type=float, default=0.0)
     group.add_argument("--logit_std", type=float, default=1.0)
@@ -152,7 +164,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     )
     group.add_argument("--resume_from_checkpoint", help='A checkpoint folder or "latest".')
     group.add_argument("--validation_steps", type=int, help="Write and log a sample grid every N steps.")
-    group.add_argument("--num_inference_steps", type=int, help="Euler steps of sample grids and evals.")
+    group.add_argument(
+        "--num_inference_steps", type=int, help="Euler steps of sample grids and evals (0: adaptive dopri5)."
+    )
     group.add_argument(
         "--guidance_scale",
         type=float,
@@ -171,6 +185,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="Samples per model call in sample grids and evaluations (on CPU small batches are faster).",
     )
     group.add_argument("--fid_reference_dir", help="Real images for --final_eval fid / --eval_steps.")
+    group.add_argument(
+        "--fid_real_dir",
+        help="Real images outside --fid_reference_dir, as many as --fid_num_samples: their FID is the "
+        "floor, and the samples' FID divided by it is reported as frechet_ratio.",
+    )
     group.add_argument("--fid_num_samples", type=int, default=5000)
     group.add_argument(
         "--fid_feature_extractor",
@@ -194,6 +213,15 @@ def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             setattr(args, key, value)
     if args.final_eval == "fid" and args.fid_reference_dir is None:
         parser.error("--final_eval fid needs --fid_reference_dir")
+    if args.fid_real_dir is not None:
+        from ..evaluation.fid import image_files
+
+        found = len(image_files(args.fid_real_dir))
+        if found != args.fid_num_samples:
+            parser.error(
+                f"--fid_real_dir holds {found} images, --fid_num_samples is {args.fid_num_samples}: compare "
+                "as many samples as real images (FID depends on the count)"
+            )
     if any(step < 1 for step in args.checkpoint_at_steps):
         parser.error(f"--checkpoint_at_steps takes update counts >= 1, got {args.checkpoint_at_steps}")
     if args.push_to_hub and args.hub_model_id is None:

@@ -19,7 +19,6 @@ from PIL import Image
 from torchvision import transforms
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-DIGITS_RESOLUTION = 8
 
 
 def load_digits_dataset() -> datasets.Dataset:
@@ -99,20 +98,22 @@ def image_mode_of(dataset: datasets.Dataset, image_column: str) -> str:
     return "L" if _open_image(first, 0).mode in ("1", "L", "I", "I;16", "F") else "RGB"
 
 
-def image_transform(resolution: int, center_crop: bool = True) -> Callable:
-    """PIL image → tensor in [-1, 1]: resize the short side, then a center (or random) square crop.
+def image_transform(resolution: int, center_crop: bool = True, pad: bool = False) -> Callable:
+    """PIL image → tensor in [-1, 1]: resize the short side, then a center (or random) square crop. With
+    ``pad`` nothing is resized: a smaller image is padded to ``resolution`` with black (0, the background of
+    the MNIST family), centred, and a larger one center-cropped.
 
     Random flips are not here but in :func:`random_hflip`, applied by the training step: the data loader
     prefetches a batch ahead, so randomness drawn while loading would escape the checkpointed RNG state.
     """
-    return transforms.Compose(
-        [
+    if pad:  # CenterCrop pads a smaller image with zeros
+        fit = [transforms.CenterCrop(resolution)]
+    else:
+        fit = [
             transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
             transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5], [0.5]),
         ]
-    )
+    return transforms.Compose([*fit, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
 
 
 def random_hflip(images: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import Tensor
@@ -113,7 +114,14 @@ def build_model(
     }
     shape = {"sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels}
     if args.model_config is not None:
-        config = {**ArceeZigmaTransformer.load_config(args.model_config), **overrides, **shape, **labels}
+        folder = Path(args.model_config)
+        if (folder / "transformer" / "config.json").is_file():  # a pipeline folder or Hub template
+            folder = folder / "transformer"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model_config {args.model_config!r} holds no config.json (nor transformer/config.json)"
+            )
+        config = {**ArceeZigmaTransformer.load_config(folder), **overrides, **shape, **labels}
     else:
         config = preset_config(args.preset, **overrides, **shape, **labels)
     if sample_size % config["patch_size"] != 0:
@@ -134,18 +142,16 @@ def build_train_dataset(args: argparse.Namespace, accelerator: Accelerator) -> T
     num_classes = data.num_classes_of(dataset, label_column) if label_column else None
     mode = data.image_mode_of(dataset, args.image_column)
     if args.vae is None:
-        transform = data.image_transform(args.resolution, args.center_crop)
+        transform = data.image_transform(args.resolution, args.center_crop, args.pad_to_resolution)
         dataset = data.with_image_transform(dataset, transform, args.image_column, label_column, mode)
-        if args.center_crop:  # a random crop must be drawn anew at every step
+        if args.center_crop or args.pad_to_resolution:  # a random crop must be drawn anew at every step
             dataset = data.in_memory(dataset, len(mode), args.resolution)
         return TrainData(dataset, len(mode), args.resolution, num_classes)
-
-    from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
     # encoded once, so a random crop would be frozen: latents always use a center crop; flips are handled
     # by caching both views
-    transform = data.image_transform(args.resolution, center_crop=True)
+    transform = data.image_transform(args.resolution, center_crop=True, pad=args.pad_to_resolution)
     images = data.with_image_transform(dataset, transform, args.image_column, label_column, "RGB")
     key = latents.latent_cache_key(
         dataset._fingerprint,
@@ -353,7 +359,12 @@ def epoch_batches(
 
 
 def train_micro_batch(
-    args: argparse.Namespace, accelerator: Accelerator, run: TrainRun, batch: dict, path: FlowPath, vae
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    run: TrainRun,
+    batch: dict,
+    path: FlowPath,
+    vae: AutoencoderKL | None,
 ) -> MicroBatch:
     """One forward and backward on ``batch``; the optimiser steps when the accumulated gradients sync."""
     x1 = model_input(batch, args.random_flip, vae)
@@ -376,7 +387,11 @@ def train_micro_batch(
 
 
 def sample_and_evaluate(
-    args: argparse.Namespace, accelerator: Accelerator, run: TrainRun, vae, global_step: int
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    run: TrainRun,
+    vae: AutoencoderKL | None,
+    global_step: int,
 ) -> None:
     """Every ``--validation_steps`` a sample grid, every ``--eval_steps`` the evaluation, both with the EMA
     weights, on the main process."""
@@ -400,7 +415,7 @@ def sample_and_evaluate(
     run.model.train()
 
 
-def model_input(batch: dict, random_flip: bool, vae) -> Tensor:
+def model_input(batch: dict, random_flip: bool, vae: AutoencoderKL | None) -> Tensor:
     """The clean sample ``x1``: a latent drawn from the cached posteriors, or the (maybe flipped) pixels."""
     if "latent_mean" in batch:
         return latents.sample_latents(
@@ -425,14 +440,17 @@ def ema_weights(model: torch.nn.Module, ema: EMAModel | None, accelerator: Accel
         ema.restore(params)
 
 
-def build_pipeline(args, accelerator: Accelerator, model, vae) -> ArceeZigmaPipeline:
+def build_pipeline(
+    args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module, vae: AutoencoderKL | None
+) -> ArceeZigmaPipeline:
+    """The pipeline of the (unwrapped) model being trained, with a scheduler on the training path."""
     scheduler = FlowMatchGVPScheduler(path=args.path)
     transformer = accelerator.unwrap_model(model)
     return ArceeZigmaPipeline(transformer=transformer, scheduler=scheduler, vae=vae).to(accelerator.device)
 
 
 def log_sample_grid(
-    args, pipeline: ArceeZigmaPipeline, accelerator: Accelerator, step: int, path: Path
+    args: argparse.Namespace, pipeline: ArceeZigmaPipeline, accelerator: Accelerator, step: int, path: Path
 ) -> None:
     """A grid of 8 samples per class (or 64 unconditional samples), saved as PNG and sent to the trackers."""
     num_classes = pipeline.transformer.config.num_classes
@@ -457,8 +475,10 @@ def log_sample_grid(
             tracker.log({"samples": [wandb.Image(image) for image in images]}, step=step)
 
 
-def run_evaluation(args, pipeline: ArceeZigmaPipeline, sample_dir: Path) -> dict:
-    """``--final_eval``: the digit metrics, or clean-fid FID/KID of ``--fid_num_samples`` samples."""
+def run_evaluation(args: argparse.Namespace, pipeline: ArceeZigmaPipeline, sample_dir: Path) -> dict:
+    """``--final_eval``: the digit metrics, or clean-fid FID/KID of ``--fid_num_samples`` samples (drawn with
+    ``--num_inference_steps`` Euler steps, or dopri5 when it is 0), with the Fréchet ratio to real images
+    when ``--fid_real_dir`` is given."""
     if args.final_eval == "digits":
         return digits.evaluate_digits_pipeline(
             pipeline,
@@ -475,6 +495,7 @@ def run_evaluation(args, pipeline: ArceeZigmaPipeline, sample_dir: Path) -> dict
             args.fid_num_samples,
             args.seed,
             args.guidance_scale,
+            num_inference_steps=args.num_inference_steps or None,
             batch_size=args.eval_batch_size,
         )
         extractor, extractor_name = None, "inception_v3"
@@ -482,17 +503,30 @@ def run_evaluation(args, pipeline: ArceeZigmaPipeline, sample_dir: Path) -> dict
             extractor = fid.load_feature_extractor(args.fid_feature_extractor)
             extractor_name = args.fid_feature_extractor
         metrics = fid.compute_fid_kid(
-            samples, args.fid_reference_dir, extractor, extractor_name, device=pipeline.device
+            samples,
+            args.fid_reference_dir,
+            extractor,
+            extractor_name,
+            device=pipeline.device,
+            real_folder=args.fid_real_dir,
         )
+        if hasattr(extractor, "test_accuracy"):  # a classifier's features: how well it knows the data
+            metrics["feature_extractor_test_accuracy"] = extractor.test_accuracy
         metrics.update(
-            solver=sampling.describe_solver(pipeline, None),
+            solver=sampling.describe_solver(pipeline, args.num_inference_steps or None),
             nfe=sampling.mean_model_calls(sample_dir, args.fid_num_samples),
         )
         return metrics
     return {}
 
 
-def save_final_pipeline(args, accelerator: Accelerator, model, ema: EMAModel | None, vae) -> None:
+def save_final_pipeline(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    ema: EMAModel | None,
+    vae: AutoencoderKL | None,
+) -> None:
     """EMA weights as the pipeline's transformer; the raw weights as the ``raw`` variant next to them."""
     output_dir = Path(args.output_dir)
     transformer = accelerator.unwrap_model(model)
@@ -502,7 +536,7 @@ def save_final_pipeline(args, accelerator: Accelerator, model, ema: EMAModel | N
         transformer.save_pretrained(output_dir / "transformer", variant="raw")
 
 
-def finish(args, accelerator: Accelerator, start_time: float) -> dict:
+def finish(args: argparse.Namespace, accelerator: Accelerator, start_time: float) -> dict:
     """Reload the saved folder the way a user would, then write samples.png, metrics.json and push; returns
     the metrics (``seconds_since_start`` counts from ``start_time``, a ``time.perf_counter()`` value)."""
     output_dir = Path(args.output_dir)

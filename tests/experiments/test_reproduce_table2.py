@@ -229,7 +229,7 @@ def test_tiers(tmp_path):
     default = parse(tmp_path)
     assert (default.resolution, default.patch_size, default.num_layers) == (8, 1, 8)
     assert default.class_conditional is False and default.guidance_scale == 1.0
-    assert default.final_eval == "digits" and default.rows == list(table2.ROWS)
+    assert default.final_eval == "digits" and default.rows == list(rows.ROWS)
     tier_256 = parse(tmp_path, "--tier", "256")
     assert (tier_256.resolution, tier_256.patch_size) == (16, 1)
     folder = tmp_path / "images"
@@ -272,7 +272,7 @@ def test_cli_error_is_one_line(tmp_path):
     process = subprocess.run(command, capture_output=True, text=True, env=env)
     assert process.returncode != 0
     assert process.stderr.strip().splitlines() == [
-        "reproduce_table2.py: error: rows: unknown row 'arcee-3'; expected some of " + " ".join(table2.ROWS)
+        "reproduce_table2.py: error: rows: unknown row 'arcee-3'; expected some of " + " ".join(rows.ROWS)
     ]
 
 

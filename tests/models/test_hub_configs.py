@@ -6,7 +6,7 @@ import torch
 
 from arcee_diffusers import ArceeZigmaTransformer
 from arcee_diffusers.hub_templates import write_hub_configs
-from arcee_diffusers.models.variants import VARIANTS_BY_NAME, variant_config
+from arcee_diffusers.models.variants import VARIANTS_BY_NAME, get_variant
 
 HUB_CONFIGS = Path(__file__).resolve().parents[2] / "hub_configs"
 
@@ -38,7 +38,7 @@ def test_hub_config_loads_into_the_variant(name):
     config = ArceeZigmaTransformer.load_config(HUB_CONFIGS / name / "transformer")
     with torch.device("meta"):
         model = ArceeZigmaTransformer.from_config(config)
-    for key, value in variant_config(name).items():
+    for key, value in get_variant(name).config.items():
         assert model.config[key] == value, key
     is_arcee = name.startswith("arcee")
     assert model.config.state_chain == is_arcee
@@ -47,9 +47,9 @@ def test_hub_config_loads_into_the_variant(name):
 def test_paper_variants_cover_the_table():
     zigzag = {
         (c["num_scan_orders"], c["state_chain"])
-        for c in map(variant_config, VARIANTS_BY_NAME)
+        for c in (get_variant(name).config for name in VARIANTS_BY_NAME)
         if c.get("scan_pattern", "zigzag") == "zigzag" and c["hidden_size"] == 768
     }
     assert zigzag == {(k, chain) for k in (1, 2, 4, 8) for chain in (False, True)}
     with pytest.raises(ValueError, match="variant"):
-        variant_config("arcee-3-b2")
+        get_variant("arcee-3-b2")

@@ -19,7 +19,6 @@ from arcee_diffusers.models.variants import (
     get_variant,
     layout_of,
     markdown_table,
-    variant_config,
 )
 
 MODEL_DOC = Path(__file__).resolve().parents[2] / "docs" / "model.md"
@@ -73,7 +72,7 @@ def test_every_list_derives_from_the_table():
 
 
 def test_display_names_follow_the_layout():
-    assert display_name(variant_config("arcee-4-b2")) == "Arcee-4"
-    assert display_name(variant_config("arcee-4-tiny")) == "Arcee-4"  # any size
+    assert display_name(get_variant("arcee-4-b2").config) == "Arcee-4"
+    assert display_name(get_variant("arcee-4-tiny").config) == "Arcee-4"  # any size
     assert display_name({"scan_pattern": "bidirectional", "state_chain": False}) == "Vision Mamba"
     assert display_name(get_variant("arcee-vim-b2").config) == "ArceeVim"

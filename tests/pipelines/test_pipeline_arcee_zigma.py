@@ -27,6 +27,7 @@ from tiny_pipelines import (
 )
 
 from arcee_diffusers import ArceeZigmaPipeline, FlowMatchGVPScheduler
+from arcee_diffusers.pipelines.model_card import model_card
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +340,25 @@ def test_bad_components():
     mismatch = make_pipeline(scheduler=FlowMatchGVPScheduler(path="linear"), flow_path="gvp")
     with pytest.raises(ValueError, match="path"):
         mismatch(num_inference_steps=1)
+
+
+def test_model_card_keeps_no_local_path(tmp_path):
+    data = tmp_path / "fashion_mnist"
+    data.mkdir()
+    info = {
+        "dataset_name": str(data),
+        "vae": str(tmp_path),
+        "latent_cache_dir": str(tmp_path / "cache"),
+        "fid_reference_dir": str(tmp_path / "reference"),
+        "hub_token": "secret",
+        "learning_rate": 0.003,
+    }
+    card = model_card(make_pipeline(), "me/repo", training_info=info)
+    text = str(card)
+    assert str(tmp_path) not in text and "secret" not in text
+    assert "| dataset_name | fashion_mnist |" in text and "| learning_rate | 0.003 |" in text
+    assert "datasets" not in card.data.to_dict()  # a local folder is no Hub dataset id
+    hub = model_card(
+        make_pipeline(), "me/repo", training_info={"dataset_name": "zalando-datasets/fashion_mnist"}
+    )
+    assert hub.data.to_dict()["datasets"] == ["zalando-datasets/fashion_mnist"]
