@@ -11,8 +11,8 @@ dopri5 sampler. The configuration is read from the tensors; see docs/model.md fo
 from __future__ import annotations
 
 import argparse
-import sys
 
+from arcee_diffusers.command_line import user_errors_exit
 from arcee_diffusers.conversion import PUBLISHED_SCAN_TYPES, convert_checkpoint
 from arcee_diffusers.models.variants import SD_VAE_NAME
 from arcee_diffusers.schedulers.flow_paths import PATHS
@@ -57,8 +57,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"convert_official_checkpoint.py: error: {' '.join(str(err).split())}")
+    with user_errors_exit("convert_official_checkpoint.py"):
+        main(parse_args())

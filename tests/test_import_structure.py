@@ -1,8 +1,9 @@
 """The package's import graph: no circles, and no module imports a layer above its own.
 
-Layers, bottom up: models, schedulers and the timm wrapper; pipelines; evaluation, training, conversion and
-the Hub templates; experiments. The package's ``__init__`` is the facade above them all, so no module inside
-may import it. Imports are read from the source (every ``import`` statement, inside functions too).
+Layers, bottom up: the file and command-line helpers; models, schedulers and the timm wrapper; pipelines;
+evaluation, training, conversion and the Hub templates; experiments. The package's ``__init__`` is the
+facade above them all, so no module inside may import it. Imports are read from the source (every
+``import`` statement, inside functions too).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 PACKAGE = "arcee_diffusers"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS = (
+    ("files", "command_line"),
     ("models", "schedulers", "timm_models"),
     ("pipelines",),
     ("evaluation", "training", "conversion", "hub_templates"),

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
+from arcee_diffusers.command_line import user_errors_exit
 from arcee_diffusers.evaluation import compute_fid_kid, describe_solver, generate_samples, mean_model_calls
 from arcee_diffusers.evaluation.fid import load_feature_extractor
 from arcee_diffusers.models import ArceeZigmaTransformer
@@ -97,8 +97,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"eval_fid.py: error: {' '.join(str(err).split())}")
+    with user_errors_exit("eval_fid.py"):
+        main(parse_args())

@@ -14,18 +14,15 @@ takes the cells of another folder's results.json as finished (a committed grid c
 from __future__ import annotations
 
 import logging
-import sys
 
 from diffusers.utils import logging as diffusers_logging
 
+from arcee_diffusers.command_line import user_errors_exit
 from arcee_diffusers.experiments import CellsFailed, parse_grid_args, run_grid
 
 if __name__ == "__main__":
-    try:
+    with user_errors_exit("reproduce_table2.py", CellsFailed):
         arguments = parse_grid_args(description=__doc__)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
         diffusers_logging.disable_progress_bar()  # the bars over cells and steps are the ones to watch
         run_grid(arguments)
-    except (ValueError, FileNotFoundError, CellsFailed) as err:
-        # expected user errors: one readable line and a non-zero exit, not a traceback
-        sys.exit(f"reproduce_table2.py: error: {' '.join(str(err).split())}")

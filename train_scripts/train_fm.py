@@ -19,10 +19,10 @@ if __name__ == "__main__":  # the CPU scan's first compile runs in helper proces
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 from arcee_diffusers import training  # noqa: E402
+from arcee_diffusers.command_line import user_errors_exit  # noqa: E402
 
 START_TIME = time.perf_counter()
 
@@ -44,9 +44,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (ValueError, FileNotFoundError) as err:
-        # expected user errors: one readable line and a non-zero exit, not a traceback
-        sys.exit(f"train_fm.py: error: {' '.join(str(err).split())}")
+    with user_errors_exit("train_fm.py"):
+        main(parse_args())

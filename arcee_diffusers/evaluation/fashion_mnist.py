@@ -4,7 +4,8 @@ clean-fid's Inception weights cannot be downloaded here, so, as for the digits, 
 feature space of a classifier of the data itself: ``conv 1→32 → pool → conv 32→64 → pool → 128 → 10``
 (3×3 convolutions, ReLU), trained on the 60,000 training images for ``EPOCHS`` epochs of Adam (lr 1e-3,
 batch 128) from seed 0 on one thread, so that a given torch build rebuilds it bit for bit. Its 128-d
-penultimate pre-activations are the features. It is cached under ``default_cache_dir()/classifiers/``,
+penultimate pre-activations, over their standard deviation on the training split, are the features. It is
+cached under ``default_cache_dir()/classifiers/``,
 keyed by the training files' bytes, the recipe and the torch version; its test-split accuracy is stored
 with it (``GarmentFeatures.test_accuracy``).
 
@@ -34,6 +35,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..files import atomic_path, write_atomically
 from ..training.idx_data import FASHION_MNIST_DIR, SPLIT_FILES, read_idx_split
 from .fid import default_cache_dir
 from .threads import single_thread
@@ -89,8 +91,12 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = EPOCH
 
 
 @torch.no_grad()
+def _features(model: GarmentClassifier, images: np.ndarray) -> torch.Tensor:
+    return torch.cat([model.features(torch.tensor(chunk) / 255) for chunk in np.array_split(images, 20)])
+
+
 def accuracy(model: GarmentClassifier, images: np.ndarray, labels: np.ndarray) -> float:
-    logits = torch.cat([model(torch.tensor(chunk) / 255) for chunk in np.array_split(images, 20)])
+    logits = model.head(_features(model, images))
     return float((logits.argmax(1).numpy() == labels).mean())
 
 
@@ -102,19 +108,22 @@ def _cache_key(folder: Path) -> str:
 
 
 class GarmentFeatures(nn.Module):
-    """clean-fid's feature extractor: ``(B, 3, 299, 299)`` in [0, 255] → ``(B, 128)`` classifier features."""
+    """clean-fid's feature extractor: ``(B, 3, 299, 299)`` in [0, 255] → ``(B, 128)`` classifier features,
+    divided by their standard deviation over the training split (``feature_scale``), so that KID's cubic
+    kernel sees features of unit scale, as Inception's are (FID ratios do not depend on it)."""
 
-    def __init__(self, classifier: GarmentClassifier, test_accuracy: float):
+    def __init__(self, classifier: GarmentClassifier, test_accuracy: float, feature_scale: float):
         super().__init__()
         self.classifier = classifier
         self.test_accuracy = test_accuracy
+        self.feature_scale = feature_scale
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         grey = batch.float().mean(1, keepdim=True) / 255
         images = F.adaptive_avg_pool2d(grey, RESOLUTION)[:, 0]
         margin = (RESOLUTION - GARMENT) // 2
-        return self.classifier.features(images[:, margin:-margin, margin:-margin])
+        return self.classifier.features(images[:, margin:-margin, margin:-margin]) / self.feature_scale
 
 
 def load_or_train_features(
@@ -128,16 +137,22 @@ def load_or_train_features(
     classifier = GarmentClassifier()
     if weights.is_file() and info.is_file():
         classifier.load_state_dict(load_file(weights))
-        test_accuracy = json.loads(info.read_text())["test_accuracy"]
+        stored = json.loads(info.read_text())
     else:
-        classifier = train_classifier(*read_idx_split(folder, "train"))
-        test_accuracy = accuracy(classifier, *read_idx_split(folder, "test"))
+        train_images, train_labels = read_idx_split(folder, "train")
+        classifier = train_classifier(train_images, train_labels)
+        stored = {
+            "test_accuracy": accuracy(classifier, *read_idx_split(folder, "test")),
+            "feature_scale": float(_features(classifier, train_images).std()),
+            "epochs": EPOCHS,
+            "seed": SEED,
+        }
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = weights.with_name(f".{weights.name}.{os.getpid()}")
-        save_file(classifier.state_dict(), partial)
-        os.replace(partial, weights)
-        info.write_text(json.dumps({"test_accuracy": test_accuracy, "epochs": EPOCHS, "seed": SEED}) + "\n")
-    return GarmentFeatures(classifier.eval().requires_grad_(False), test_accuracy)
+        with atomic_path(weights) as tmp:
+            save_file(classifier.state_dict(), tmp)
+        write_atomically(info, json.dumps(stored) + "\n")
+    classifier = classifier.eval().requires_grad_(False)
+    return GarmentFeatures(classifier, stored["test_accuracy"], stored["feature_scale"])
 
 
 @functools.cache

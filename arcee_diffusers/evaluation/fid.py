@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from cleanfid import fid as cleanfid
 
+from ..files import atomic_path
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy"}
 
 
@@ -89,9 +91,8 @@ def reference_features(
         return np.load(path)
     feats = folder_features(folder, feature_extractor, device, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, feats)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:  # a file object: np.save adds no ".npy"
+        np.save(file, feats)
     return feats
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import atomic_path, write_atomically
+
 SETTINGS_FILE = "generation.json"
 MODEL_CALLS_FILE = "model_calls.json"
 
@@ -143,11 +145,10 @@ def generate_samples(
             pipeline, chunk, seed, guidance_scale, num_inference_steps, batch_size
         )
         for index, image in zip(chunk, images):
-            tmp = folder / f".{index:06d}.png.tmp"
-            _to_pil(image).save(tmp, format="PNG")
-            os.replace(tmp, sample_path(folder, index))
+            with atomic_path(sample_path(folder, index)) as tmp:
+                _to_pil(image).save(tmp, format="PNG")
         calls.update({str(index): count for index, count in zip(chunk, chunk_calls)})
-        _write_atomically(calls_path, json.dumps(calls))
+        write_atomically(calls_path, json.dumps(calls))
     return [sample_path(folder, i) for i in range(num_samples)]
 
 
@@ -177,12 +178,6 @@ def mean_model_calls(folder: str | os.PathLike, num_samples: int) -> float | Non
     calls = json.loads(calls_path.read_text()) if calls_path.exists() else {}
     recorded = [calls.get(str(i)) for i in range(num_samples)]
     return None if None in recorded or not recorded else float(np.mean(recorded))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def sample_path(folder: Path, index: int) -> Path:

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -28,6 +27,7 @@ import torch
 from arcee_scan import resolve_backend
 
 from ..evaluation import spatial
+from ..files import write_atomically
 from ..models import ArceeZigmaTransformer
 from ..schedulers.flow_paths import get_flow_path
 from ..training import checkpointing, latents, trainer
@@ -246,12 +246,6 @@ def headline_metrics(metrics: dict) -> dict:
 
 def _sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

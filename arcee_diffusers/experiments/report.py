@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..evaluation import spatial
+from ..files import write_atomically
 from . import cell
 from .rows import PAIRS, PAPER_FID_KID, ROWS, TIER_GRIDS
 
@@ -116,7 +117,7 @@ def write_report(grid_dir: Path, configuration: dict) -> dict:
     grid_dir = Path(grid_dir)
     cells = load_cells(grid_dir)
     results = {"configuration": configuration, **summarize(cells), "cells": cells}
-    cell.write_atomically(grid_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(grid_dir / "results.json", json.dumps(results, indent=2) + "\n")
     if cells:
         (grid_dir / "plots").mkdir(exist_ok=True)
         copy_sample_grids(grid_dir, results)
@@ -124,7 +125,7 @@ def write_report(grid_dir: Path, configuration: dict) -> dict:
         plot_per_row_loss(results, grid_dir / "plots" / "per_row_loss.png")
         plot_influence_maps(cells, grid_dir / "plots" / "influence.png")
         plot_samples(grid_dir, results, grid_dir / "plots" / "samples.png")
-    cell.write_atomically(grid_dir / "results.md", results_markdown(results))
+    write_atomically(grid_dir / "results.md", results_markdown(results))
     return results
 
 
@@ -141,13 +142,14 @@ def results_markdown(results: dict) -> str:
     grid = TIER_GRIDS[config["tier"]]
     metrics = [m for m in SAMPLE_METRICS if any(m in r for r in rows.values())]
     first_cell = results["cells"][0] if results["cells"] else None
+    # the model the cells ran (a size the preset gave is not among the options)
+    model = {**config, **(first_cell["model"] if first_cell else {})}
     lines = [
         "# Table 2 at small scale",
         "",
-        f"Tier {config['tier']}: a {grid}×{grid} token grid (patch {config['patch_size']}, "
-        f"{'digits' if config['final_eval'] == 'digits' else 'real data'} at {config['resolution']} px"
-        f"{', VAE latents' if config['vae'] else ''}), unconditional, {config['num_layers']} layers, hidden "
-        f"{config['hidden_size']}, d_state {config['d_state']}; {config['max_train_steps']} steps of batch "
+        f"Tier {config['tier']}: a {grid}×{grid} token grid (patch {model['patch_size']}, "
+        f"{_data_description(config)}), unconditional, {model['num_layers']} layers, hidden "
+        f"{model['hidden_size']}, d_state {model['d_state']}; {config['max_train_steps']} steps of batch "
         f"{config['train_batch_size']}, lr {config['learning_rate']:g} ({config['lr_scheduler']}), "
         f"t {config['weighting_scheme']}, EMA {config['ema_decay']:g} ({config['ema_schedule']}); "
         f"samples at guidance 1 with {_sampler(config)}"
@@ -203,6 +205,14 @@ def results_markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _data_description(config: dict) -> str:
+    """ "digits at 16 px", "fashion_mnist at 32 px (padded)", "imgs at 256 px, VAE latents", ..."""
+    source = config.get("dataset_name") or config.get("train_data_dir")
+    name = Path(source).name if source else "digits"
+    padded = " (padded)" if config.get("pad_to_resolution") else ""
+    return f"{name} at {config['resolution']} px{padded}{', VAE latents' if config['vae'] else ''}"
 
 
 def _sampler(config: dict) -> str:

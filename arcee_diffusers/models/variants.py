@@ -24,7 +24,7 @@ from typing import Any
 # DEMO_PRESET, ours.
 DEMO_PRESET = "Tiny/2"
 PRESETS: dict[str, dict[str, Any]] = {
-    "Tiny/2": {"num_layers": 8, "hidden_size": 128, "patch_size": 2},
+    DEMO_PRESET: {"num_layers": 8, "hidden_size": 128, "patch_size": 2},
     "XS/2": {"num_layers": 24, "hidden_size": 448, "patch_size": 2},
     "XS/1": {"num_layers": 24, "hidden_size": 368, "patch_size": 1},
     "B/2": {"num_layers": 24, "hidden_size": 768, "patch_size": 2},

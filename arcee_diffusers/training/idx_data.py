@@ -19,6 +19,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_path
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_MNIST_CLASSES = (
     "T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
@@ -51,6 +53,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"idx file {str(path)!r} holds {len(data) - offset} bytes of data, its header says {shape}"
         )
     return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 array of 1 (labels) or 3 (images) dimensions as an idx file, gzipped if ``path`` ends in
+    ``.gz``: the inverse of ``read_idx`` (for subsets, and for tests' stand-ins)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = {1: IDX_LABELS, 3: IDX_IMAGES}.get(array.ndim)
+    if magic is None:
+        raise ValueError(f"array must have 1 (labels) or 3 (images) dimensions, got shape {array.shape}")
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as file:
+        file.write(header + array.tobytes())
 
 
 def read_idx_split(idx_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +108,6 @@ def write_idx_dataset(
     for split in SPLIT_FILES:
         dataset = idx_split_dataset(idx_dir, split, class_names)
         target = output_dir / "data" / f"{split}-00000-of-00001.parquet"
-        partial = target.with_name(f".{target.name}.partial")
-        dataset.to_parquet(str(partial))
-        os.replace(partial, target)
+        with atomic_path(target) as tmp:
+            dataset.to_parquet(str(tmp))
     return output_dir

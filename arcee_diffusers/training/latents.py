@@ -18,6 +18,7 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
+from ..files import atomic_path
 from .data import collate
 
 
@@ -64,9 +65,8 @@ def load_or_encode(path: str | os.PathLike, encode: callable) -> dict[str, torch
         if path.exists():
             return load_file(path)
         cache = encode()
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in cache.items()}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in cache.items()}, tmp)
     return cache
 
 

@@ -21,9 +21,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from arcee_diffusers.evaluation import spatial
+from arcee_diffusers.evaluation import fashion_mnist, spatial
 from arcee_diffusers.experiments import cell, report, rows, table2
-from arcee_diffusers.training import checkpointing, cli, trainer
+from arcee_diffusers.training import checkpointing, cli, idx_data, trainer
 
 SCRIPT = Path(__file__).resolve().parents[2] / "train_scripts" / "reproduce_table2.py"
 TINY_MODEL = ["--hidden_size", "16", "--num_layers", "2", "--d_state", "4", "--train_batch_size", "8"]
@@ -366,3 +366,47 @@ def test_cells_in_processes_run_from_another_thread(tmp_path):
     thread.start()
     thread.join()
     assert returned == [[]]  # no failures, and no exception in the thread
+
+
+def test_fashion_mnist_grid_on_a_standin(tmp_path, monkeypatch):
+    """The real-data route end to end at the paper's token count: idx files → dataset folder, 28×28 grey
+    padded to 32×32 with patch 2 (256 tokens), the classifier's Fréchet ratio, the small recipe, a report
+    that shows the values used."""
+    rng = np.random.default_rng(0)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for prefix, count in (("train", 48), ("t10k", 40)):
+        idx_data.write_idx(idx / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        idx_data.write_idx(idx / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    dataset = idx_data.write_idx_dataset(idx, tmp_path / "fashion_mnist")
+    reference, real = fashion_mnist.write_fid_folders(tmp_path / "fid", 6, idx)
+    monkeypatch.setenv(fashion_mnist.DATA_DIR_ENV_VAR, str(idx))
+    monkeypatch.setenv("ARCEE_DIFFUSERS_CACHE", str(tmp_path / "cache"))
+    fashion_mnist.feature_extractor.cache_clear()
+    try:
+        results = run_grid(
+            tmp_path / "grid", "--dataset_name", str(dataset), "--resolution", "32", "--pad_to_resolution",
+            "--tier", "256", "--fid_reference_dir", str(reference), "--fid_real_dir", str(real),
+            "--fid_num_samples", "6", "--num_heldout", "8", "--rows", "zigma-1", "arcee-1", "--seeds", "0",
+            "--fid_feature_extractor", "arcee_diffusers.evaluation.fashion_mnist:feature_extractor",
+        )  # fmt: skip
+    finally:
+        fashion_mnist.feature_extractor.cache_clear()
+    config = results["configuration"]
+    assert (config["learning_rate"], config["lr_scheduler"], config["patch_size"]) == (3e-3, "cosine", 2)
+    for result in results["cells"]:
+        model = result["model"]
+        assert (model["in_channels"], model["sample_size"], model["patch_size"]) == (1, 32, 2)
+        metrics = result["metrics"]
+        assert metrics["num_samples"] == 6 and metrics["frechet_ratio"] > 0 and metrics["fid_real"] > 0
+        assert len(result["per_row_loss"]) == 16  # a 16×16 token grid
+    assert results["pairs"][0]["ratio"].keys() == {
+        "frechet_ratio",
+        "fid",
+        "kid_x1e3",
+        "mean_loss",
+        "first_row_loss",
+    }
+    header = (tmp_path / "grid" / "results.md").read_text()
+    assert "fashion_mnist at 32 px (padded)" in header and "2 layers, hidden 16, d_state 4" in header
+    assert "lr 0.003 (cosine)" in header and "2 Euler steps" in header
