@@ -71,8 +71,8 @@ class FlowMatchGVPScheduler(SchedulerMixin, ConfigMixin):
 
     The model output is the velocity and is used directly. Fixed-step solvers (`"euler"`, one model call per
     step; `"heun"`, two) run through [`~FlowMatchGVPScheduler.step`] like any diffusers scheduler.
-    `"dopri5"` is adaptive and runs through [`~FlowMatchGVPScheduler.solve`] instead; with its defaults it is
-    the paper's evaluation protocol.
+    `"dopri5"` is adaptive: no `step`; [`~FlowMatchGVPScheduler.solve`] (for a hand-written loop) and the
+    pipeline integrate with [`sample_ode`] instead. With its defaults it is the paper's evaluation protocol.
 
     Args:
         path (`str`, defaults to `"gvp"`): the path the model was trained on, `"gvp"` or `"linear"`. The
