@@ -12,3 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Import the installed package before pytest puts tests/ on sys.path for a test module at tests/'s root, where
+# the tests/arcee_scan folder would shadow it (running such a module with others then failed to import).
+import arcee_scan  # noqa: E402, F401
