@@ -35,16 +35,21 @@ def load_real_digits() -> tuple[np.ndarray, np.ndarray]:
     return np.rint(digits.images * (255 / 16)) / 255, digits.target
 
 
-def real_halves(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of two disjoint, class-stratified halves of the real digits (half A, half B)."""
-    _, labels = load_real_digits()
+def stratified_halves(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted) of two disjoint, class-stratified halves of a labelled set (half A, half B): the
+    reference and the real-data comparison of a Fréchet ratio."""
     rng = np.random.default_rng(seed)
     half_a, half_b = [], []
-    for digit in range(10):
-        members = rng.permutation(np.flatnonzero(labels == digit))
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
         half_a.append(members[: len(members) // 2])
         half_b.append(members[len(members) // 2 :])
     return np.sort(np.concatenate(half_a)), np.sort(np.concatenate(half_b))
+
+
+def real_halves(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of two disjoint, class-stratified halves of the real digits (half A, half B)."""
+    return stratified_halves(load_real_digits()[1], seed)
 
 
 class DigitClassifier(nn.Module):

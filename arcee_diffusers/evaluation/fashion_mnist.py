@@ -37,6 +37,7 @@ from torch import nn
 
 from ..files import atomic_path, write_atomically
 from ..training.idx_data import FASHION_MNIST_DIR, SPLIT_FILES, read_idx_split
+from .digits import stratified_halves
 from .fid import default_cache_dir
 from .threads import single_thread
 
@@ -161,24 +162,13 @@ def feature_extractor() -> GarmentFeatures:
     return load_or_train_features()
 
 
-def test_halves(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two disjoint, class-stratified halves of the test split (indices, sorted)."""
-    rng = np.random.default_rng(seed)
-    half_a, half_b = [], []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        half_a.append(members[: len(members) // 2])
-        half_b.append(members[len(members) // 2 :])
-    return np.sort(np.concatenate(half_a)), np.sort(np.concatenate(half_b))
-
-
 def write_fid_folders(
     output_dir: str | os.PathLike, num_real: int, folder: str | os.PathLike | None = None
 ) -> tuple[Path, Path]:
     """``<output_dir>/reference`` (test half A, every image) and ``<output_dir>/real`` (the first
     ``num_real`` of test half B, as many as the samples it is compared with), as 32×32 PNGs."""
     images, labels = read_idx_split(folder or data_dir(), "test")
-    half_a, half_b = test_halves(labels)
+    half_a, half_b = stratified_halves(labels)
     if num_real > len(half_b):
         raise ValueError(f"num_real: test half B has {len(half_b)} images, asked for {num_real}")
     padded = pad_to_resolution(images)
