@@ -121,7 +121,7 @@ def build_demo(demo_model: DemoModel, concurrency: int = 1) -> gr.Blocks:
                         m.class_choices(True), value=m.class_choices(True)[0], label="class"
                     )
                     guidance = gr.Slider(
-                        1.0, MAX_GUIDANCE if m.conditional else 1.0, value=1.0, step=0.5, label="guidance",
+                        1.0, MAX_GUIDANCE, value=1.0, step=0.5, label="guidance",
                         interactive=m.conditional, info=None if m.conditional else "unconditional model: 1",
                     )  # fmt: skip
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="steps (Euler, Heun)")
