@@ -89,7 +89,7 @@ def build_demo(demo_model: DemoModel, concurrency: int = 1) -> gr.Blocks:
 
     @shown_in_page
     def sample_to_inspect(class_choice, seed):
-        return maps.to_pil(m.sample(class_choice, 1.0, DEFAULT_STEPS, "euler", seed, 1).images[0])
+        return maps.sample_grid(m.sample(class_choice, 1.0, DEFAULT_STEPS, "euler", seed, 1).images, gutter=0)
 
     @shown_in_page
     def influence(image_file, row, col, class_choice, t):
@@ -200,9 +200,9 @@ def build_demo(demo_model: DemoModel, concurrency: int = 1) -> gr.Blocks:
                 "Sample both", variant="primary", interactive=m.has_chain, elem_id="chain-button"
             )
             with gr.Row():
-                chain_on = gr.Image(label="chain on", format="png", interactive=False)
+                chain_on = gr.Image(label="chain on", format="png", interactive=False, elem_id="chain-on")
                 chain_cut = gr.Image(label="chain cut", format="png", interactive=False)
-            chain_info = gr.Markdown()
+            chain_info = gr.Markdown(elem_id="chain-info")
             chain_button.click(
                 chain_on_and_cut, [chain_class, chain_steps, chain_seed, chain_count],
                 [chain_on, chain_cut, chain_info], api_name="chain", preprocess=False,

@@ -137,7 +137,8 @@ def heat_map_picture(
 
 
 def to_model_input(image: Image.Image, channels: int, side: int) -> torch.Tensor:
-    """A picture as a ``(1, channels, side, side)`` tensor in [-1, 1] (grey for one channel)."""
-    resized = image.convert("L" if channels == 1 else "RGB").resize((side, side), Image.BICUBIC)
+    """A picture as a ``(1, channels, side, side)`` tensor in [-1, 1] (grey for one channel), area-resized,
+    so a sample scaled up by a whole factor for the page comes back pixel for pixel."""
+    resized = image.convert("L" if channels == 1 else "RGB").resize((side, side), Image.BOX)
     pixels = np.asarray(resized, dtype=np.float32).reshape(side, side, channels)
     return torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)[None]

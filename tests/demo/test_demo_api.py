@@ -16,13 +16,11 @@ from demo_testing import (
     check_zigma_1_is_blind_past_the_token,
     tiny_pipeline,
 )
+from gradio_client import Client, handle_file
 from PIL import Image
 
 from arcee_diffusers.demo import maps
 from arcee_diffusers.evaluation import spatial
-
-pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
 
 
 def client(url: str) -> Client:

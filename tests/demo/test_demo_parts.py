@@ -58,6 +58,14 @@ def test_sample_grid_scales_up_small_samples():
     assert grid.size == (columns * (96 + 4) + 4, rows * (96 + 4) + 4)
 
 
+def test_a_sample_scaled_up_for_the_page_comes_back_pixel_for_pixel():
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 1)).astype(np.float32) / 255
+    shown = maps.sample_grid(pixels, gutter=0)
+    assert shown.size == (96, 96)
+    back = maps.to_model_input(shown, channels=1, side=8)
+    np.testing.assert_allclose(back[0, 0].numpy(), pixels[0, :, :, 0] * 2 - 1, atol=1e-6)
+
+
 def test_influence_on_a_latent_model_encodes_the_picture_with_the_vae():
     pipe = make_pipeline(vae=tiny_vae(), in_channels=4)
     demo_model = DemoModel(pipe)
