@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from arcee_diffusers.command_line import user_errors_exit
-from arcee_diffusers.demo import DemoModel, browser, build_demo, load_pipeline
+from arcee_diffusers.demo import LAUNCH_OPTIONS, DemoModel, browser, build_demo, load_pipeline
 from arcee_diffusers.evaluation import spatial
 from arcee_diffusers.files import atomic_path
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     demo = build_demo(demo_model)
-    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
     try:
         with browser.chromium_page(demo.local_url) as page:
             browser.generate(page)

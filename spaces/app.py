@@ -7,10 +7,10 @@ with ``pipe.push_to_hub``) or a folder in the Space; by default the ``pipeline``
 
 import os
 
-from arcee_diffusers.demo import DemoModel, build_demo, load_pipeline
+from arcee_diffusers.demo import LAUNCH_OPTIONS, DemoModel, build_demo, load_pipeline
 
 PIPELINE = os.environ.get("ARCEE_PIPELINE", "pipeline")
 demo = build_demo(DemoModel(load_pipeline(PIPELINE), PIPELINE), int(os.environ.get("ARCEE_CONCURRENCY", "1")))
 
 if __name__ == "__main__":
-    demo.launch(ssr_mode=False)  # a Space sets GRADIO_SERVER_NAME=0.0.0.0 itself
+    demo.launch(**LAUNCH_OPTIONS)  # a Space sets GRADIO_SERVER_NAME=0.0.0.0 itself

@@ -4,7 +4,7 @@
 what it computes, usable without a page.
 """
 
-from .app import build_demo, load_pipeline
+from .app import LAUNCH_OPTIONS, build_demo, load_pipeline
 from .model import DemoModel
 
-__all__ = ["DemoModel", "build_demo", "load_pipeline"]
+__all__ = ["LAUNCH_OPTIONS", "DemoModel", "build_demo", "load_pipeline"]

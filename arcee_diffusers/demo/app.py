@@ -24,6 +24,9 @@ from . import maps  # noqa: E402
 from .model import DEFAULT_STEPS, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, DemoModel  # noqa: E402
 
 QUEUE_SIZE = 64  # requests waiting beyond this are refused with a "queue full" message
+# every launch of the page: no server-side rendering (it wants a newer Node than a CPU box has), and
+# uploads small enough that a picture cannot exhaust memory (PIL's decompression-bomb check does the rest)
+LAUNCH_OPTIONS = {"ssr_mode": False, "max_file_size": "10mb"}
 INTRO = """# {name}: the state chain at work
 
 Sample the model, then click a token in **Influence** to see which input patches its output depends on.

@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         if args.concurrency < 1:
             raise ValueError(f"--concurrency must be a positive int, got {args.concurrency}")
-        from . import DemoModel, build_demo, load_pipeline
+        from . import LAUNCH_OPTIONS, DemoModel, build_demo, load_pipeline
 
         demo = build_demo(
             DemoModel(load_pipeline(args.pipeline, args.device), args.pipeline), args.concurrency
         )
-    demo.launch(server_name=args.host, server_port=args.port, ssr_mode=False)
+    demo.launch(server_name=args.host, server_port=args.port, **LAUNCH_OPTIONS)

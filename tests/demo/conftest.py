@@ -11,14 +11,14 @@ import pytest
 def serve():
     """``serve(pipe, concurrency=1)``: the demo page of ``pipe`` running on 127.0.0.1; returns
     ``(url, demo_model)``."""
-    from arcee_diffusers.demo import DemoModel, build_demo
+    from arcee_diffusers.demo import LAUNCH_OPTIONS, DemoModel, build_demo
 
     running = []
 
     def start(pipe, concurrency: int = 1):
         demo_model = DemoModel(pipe, "tiny")
         demo = build_demo(demo_model, concurrency)
-        demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, ssr_mode=False)
+        demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
         running.append(demo)
         return demo.local_url, demo_model
 

@@ -108,23 +108,24 @@ GENERATE_OK = {
 }
 
 
-@pytest.mark.parametrize(
-    ("bad", "message"),
-    [
-        ({"steps": 0}, "steps must be a whole number in [1, 200], got 0"),
-        ({"steps": 2.5}, "steps must be a whole number"),
-        ({"count": 17}, "number of images must be a whole number in [1, 16]"),
-        ({"seed": -1}, "seed must be a whole number in [0, "),
-        ({"solver": "rk4"}, "solver must be one of ['euler', 'heun', 'dopri5']"),
-        ({"class_choice": "9"}, "class must be one of ['all classes', '0', '1', '2']"),
-        ({"guidance": 21.0}, "guidance must be a number in [1, 20]"),
-        ({"guidance": None}, "guidance must be a number"),
-    ],
-)
-def test_bad_generate_input_is_one_line_naming_it(serve, bad, message):
+BAD_GENERATE_INPUTS = [
+    ({"steps": 0}, "steps must be a whole number in [1, 200], got 0"),
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"count": 17}, "number of images must be a whole number in [1, 16]"),
+    ({"seed": -1}, "seed must be a whole number in [0, "),
+    ({"solver": "rk4"}, "solver must be one of ['euler', 'heun', 'dopri5']"),
+    ({"class_choice": "9"}, "class must be one of ['all classes', '0', '1', '2']"),
+    ({"guidance": 21.0}, "guidance must be a number in [1, 20]"),
+    ({"guidance": None}, "guidance must be a number"),
+]
+
+
+def test_bad_generate_input_is_one_line_naming_it(serve):
     url, _ = serve(tiny_pipeline())
-    with pytest.raises(Exception, match=re.escape(message)):
-        client(url).predict(*{**GENERATE_OK, **bad}.values(), api_name="/generate")
+    api = client(url)
+    for bad, message in BAD_GENERATE_INPUTS:
+        with pytest.raises(Exception, match=re.escape(message)):
+            api.predict(*{**GENERATE_OK, **bad}.values(), api_name="/generate")
 
 
 def test_bad_influence_input_is_one_line_naming_it(serve, tmp_path):
@@ -133,6 +134,8 @@ def test_bad_influence_input_is_one_line_naming_it(serve, tmp_path):
     image = handle_file(grey_image(tmp_path / "digit.png"))
     not_a_picture = tmp_path / "notes.png"
     not_a_picture.write_text("not a picture")
+    too_big = tmp_path / "big.png"
+    too_big.write_bytes(bytes(11 * 2**20))  # over the page's 10 MB upload limit
     for arguments, message in [
         ((None, 0, 0, "0", 0.5), "image: sample or upload an image first"),
         ((image, GRID, 0, "0", 0.5), f"row must be a whole number in [0, {GRID - 1}], got {GRID}"),
@@ -140,6 +143,7 @@ def test_bad_influence_input_is_one_line_naming_it(serve, tmp_path):
         ((image, 0, 0, "all classes", 0.5), "class must be one of ['0', '1', '2']"),
         ((image, 0, 0, "0", 1.5), "t must be a number in [0, 1], got 1.5"),
         ((handle_file(str(not_a_picture)), 0, 0, "0", 0.5), "image: not a picture PIL can read"),
+        ((handle_file(str(too_big)), 0, 0, "0", 0.5), "exceeds the maximum file size of 10485760 bytes"),
     ]:
         with pytest.raises(Exception, match=re.escape(message)):
             api.predict(*arguments, api_name="/influence")

@@ -121,7 +121,7 @@ def test_command_line_serves_on_loopback_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr("gradio.Blocks.launch", lambda demo, **kwargs: launched.update(kwargs, demo=demo))
     cli.main([str(tmp_path / "pipe"), "--port", "7999", "--concurrency", "2"])
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999
-    assert launched["ssr_mode"] is False
+    assert launched["ssr_mode"] is False and launched["max_file_size"] == "10mb"
     assert launched["demo"]._queue.default_concurrency_limit == 2  # gradio keeps it on its queue
     cli.main([str(tmp_path / "pipe"), "--host", "0.0.0.0"])
     assert launched["server_name"] == "0.0.0.0"
