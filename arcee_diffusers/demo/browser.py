@@ -29,8 +29,11 @@ def missing_browser() -> str | None:
 
 
 @contextlib.contextmanager
-def chromium_page(url: str, width: int = 1280, height: int = 900) -> Iterator:
-    """A headless Chromium page at ``url``, the page's gradio app loaded."""
+def chromium_page(
+    url: str, width: int = 1280, height: int = 900, requests_seen: list[str] | None = None
+) -> Iterator:
+    """A headless Chromium page at ``url``, the page's gradio app loaded; the URL of every request the page
+    makes is appended to ``requests_seen`` if given."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -38,6 +41,8 @@ def chromium_page(url: str, width: int = 1280, height: int = 900) -> Iterator:
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(TIMEOUT_MS)
+            if requests_seen is not None:
+                page.on("request", lambda request: requests_seen.append(request.url))
             page.goto(url)
             page.locator("#generate-button").wait_for()
             yield page

@@ -24,7 +24,8 @@ def test_generate_then_click_a_token_and_read_the_map_back(serve, needs_browser,
     url, demo_model = serve(tiny_pipeline(state_chain))
     token, _ = spatial.middle_token_of_path(GRID)
     row, col = divmod(token, GRID)
-    with browser.chromium_page(url) as page:
+    requests_seen = []
+    with browser.chromium_page(url, requests_seen=requests_seen) as page:
         info = browser.generate(page)
         assert re.fullmatch(r"8 image\(s\) in \d+\.\d\d s, 16 model calls\.", info.strip()), info
         record = browser.click_token(page, row, col, GRID)
@@ -38,6 +39,8 @@ def test_generate_then_click_a_token_and_read_the_map_back(serve, needs_browser,
             assert not page.locator("#influence-map-cut").is_visible()
         zeros = record["exact_zeros_map"]
         assert f"exact zeros: {zeros} of {GRID * GRID}" in page.locator("#influence-info").inner_text()
+    outside = [seen for seen in requests_seen if not seen.startswith((url, "data:", "blob:"))]
+    assert requests_seen and not outside  # the page asks nothing of the network
 
 
 def test_bad_input_shows_one_line_in_the_page(serve, needs_browser):
