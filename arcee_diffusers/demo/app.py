@@ -27,6 +27,7 @@ QUEUE_SIZE = 64  # requests waiting beyond this are refused with a "queue full" 
 # every launch of the page: no server-side rendering (it wants a newer Node than a CPU box has), and
 # uploads small enough that a picture cannot exhaust memory (PIL's decompression-bomb check does the rest)
 LAUNCH_OPTIONS = {"ssr_mode": False, "max_file_size": "10mb"}
+MAX_PICTURE_SIDE = 4096  # an uploaded picture is decoded only up to this many pixels squared
 INTRO = """# {name}: the state chain at work
 
 Sample the model, then click a token in **Influence** to see which input patches its output depends on.
@@ -58,10 +59,16 @@ def shown_in_page(function: Callable) -> Callable:
 
 
 def read_picture(path: str) -> Image.Image:
+    """An uploaded file as an RGB picture; its size is read from the header before any pixel is decoded."""
     try:
         with Image.open(path) as picture:
+            if picture.width * picture.height > MAX_PICTURE_SIDE**2:
+                side = MAX_PICTURE_SIDE
+                raise ValueError(
+                    f"image: at most {side} x {side} pixels, got {picture.width} x {picture.height}"
+                )
             return picture.convert("RGB")
-    except OSError as err:  # PIL's UnidentifiedImageError is one
+    except (OSError, Image.DecompressionBombError) as err:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"image: not a picture PIL can read ({err})") from None
 
 
@@ -103,9 +110,8 @@ def build_demo(demo_model: DemoModel, concurrency: int = 1) -> gr.Blocks:
         if record["map_chain_cut"] is not None:
             zeros += f" with the chain, {record['exact_zeros_map_chain_cut']} with it cut"
         token = record["token"]
-        info = (
-            f"Token (row {token['row']}, column {token['col']}), step {token['step']} of the path; {zeros}."
-        )
+        where = f"Token (row {token['row']}, column {token['col']})"
+        info = f"{where}, step {token['step']} of the first block's path; {zeros}."
         return grid_picture, chained, cut, json.dumps(record), info
 
     def token_grid(image):
@@ -114,9 +120,8 @@ def build_demo(demo_model: DemoModel, concurrency: int = 1) -> gr.Blocks:
     def clicked_token(event: gr.SelectData):
         return maps.click_to_token(*event.index, m.grid)
 
-    name = m.card().splitlines()[0].removeprefix("### ")
-    with gr.Blocks(title=f"arcee-diffusers: {name}", analytics_enabled=False) as demo:
-        gr.Markdown(INTRO.format(name=name))
+    with gr.Blocks(title=f"arcee-diffusers: {m.name}", analytics_enabled=False) as demo:
+        gr.Markdown(INTRO.format(name=m.name))
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
                 with gr.Column():

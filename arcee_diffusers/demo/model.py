@@ -89,6 +89,10 @@ class DemoModel:
         self.grid = self.config.sample_size // self.config.patch_size
         self.path = maps.first_block_path(self.config)
         self.classes = [str(k) for k in range(self.config.num_classes or 0)]
+        try:
+            self.name = display_name(self.config)  # the paper's name: "Arcee-1", "Zigma-4", ...
+        except ValueError:
+            self.name = "a scan layout outside the variant table"
 
     @property
     def conditional(self) -> bool:
@@ -209,10 +213,6 @@ class DemoModel:
     def card(self) -> str:
         """The model's card in Markdown: name, parameters, scan, chain, token grid, sampler and config."""
         config = self.config
-        try:
-            name = display_name(config)
-        except ValueError:
-            name = "a scan layout outside the variant table"
         scan = (
             f"zigzag, {config.num_scan_orders} path(s); block i scans path i mod {config.num_scan_orders}"
             if config.scan_pattern == "zigzag"
@@ -221,7 +221,7 @@ class DemoModel:
         space = "pixels" if self.pipe.vae is None else f"VAE latents ({config.in_channels} channels)"
         rows = [
             ("pipeline", f"`{self.source}`" if self.source else "(in memory)"),
-            ("model", name),
+            ("model", self.name),
             ("parameters", f"{sum(p.numel() for p in self.model.parameters()):,}"),
             ("scan", scan),
             ("state chain", "on (Arcee)" if self.has_chain else "off (ZigMa / Vim baseline)"),
@@ -239,6 +239,6 @@ class DemoModel:
         table = "\n".join(f"| {key} | {value} |" for key, value in rows)
         settings = {key: value for key, value in config.items() if not key.startswith("_")}
         return (
-            f"### {name}\n\n| | |\n|---|---|\n{table}\n\n"
+            f"### {self.name}\n\n| | |\n|---|---|\n{table}\n\n"
             f"Transformer config:\n\n```json\n{json.dumps(settings, indent=1)}\n```\n"
         )

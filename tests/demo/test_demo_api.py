@@ -134,6 +134,8 @@ def test_bad_influence_input_is_one_line_naming_it(serve, tmp_path):
     image = handle_file(grey_image(tmp_path / "digit.png"))
     not_a_picture = tmp_path / "notes.png"
     not_a_picture.write_text("not a picture")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (5000, 4000)).save(huge)  # a few kB, 20 million pixels
     too_big = tmp_path / "big.png"
     too_big.write_bytes(bytes(11 * 2**20))  # over the page's 10 MB upload limit
     for arguments, message in [
@@ -143,6 +145,7 @@ def test_bad_influence_input_is_one_line_naming_it(serve, tmp_path):
         ((image, 0, 0, "all classes", 0.5), "class must be one of ['0', '1', '2']"),
         ((image, 0, 0, "0", 1.5), "t must be a number in [0, 1], got 1.5"),
         ((handle_file(str(not_a_picture)), 0, 0, "0", 0.5), "image: not a picture PIL can read"),
+        ((handle_file(str(huge)), 0, 0, "0", 0.5), "image: at most 4096 x 4096 pixels, got 5000 x 4000"),
         ((handle_file(str(too_big)), 0, 0, "0", 0.5), "exceeds the maximum file size of 10485760 bytes"),
     ]:
         with pytest.raises(Exception, match=re.escape(message)):
