@@ -115,6 +115,15 @@ def test_command_line_with_a_broken_folder_is_one_line(tmp_path, content, messag
     assert "\n" not in str(raised.value)
 
 
+def test_a_pickled_checkpoint_is_refused_not_unpickled(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert list((tmp_path / "pickled").rglob("*.bin")) and not list(
+        (tmp_path / "pickled").rglob("*.safetensors")
+    )
+    with pytest.raises(SystemExit, match="did not load"):
+        cli.main([str(tmp_path / "pickled")])
+
+
 def test_command_line_serves_on_loopback_by_default(tmp_path, monkeypatch):
     tiny_pipeline().save_pretrained(tmp_path / "pipe")
     launched = {}
