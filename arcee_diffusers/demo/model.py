@@ -91,8 +91,8 @@ class DemoModel:
         self.classes = [str(k) for k in range(self.config.num_classes or 0)]
         try:
             self.name = display_name(self.config)  # the paper's name: "Arcee-1", "Zigma-4", ...
-        except ValueError:
-            self.name = "a scan layout outside the variant table"
+        except ValueError:  # a scan layout no variant has
+            self.name = f"ArceeZigmaTransformer (state chain {'on' if self.has_chain else 'off'})"
 
     @property
     def conditional(self) -> bool:
