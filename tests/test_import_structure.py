@@ -1,9 +1,9 @@
 """The package's import graph: no circles, and no module imports a layer above its own.
 
 Layers, bottom up: the file and command-line helpers; models, schedulers and the timm wrapper; pipelines;
-evaluation, training, conversion and the Hub templates; experiments. The package's ``__init__`` is the
-facade above them all, so no module inside may import it. Imports are read from the source (every
-``import`` statement, inside functions too).
+evaluation, training, conversion and the Hub templates; experiments; the demo page. The package's
+``__init__`` is the facade above them all, so no module inside may import it. Imports are read from the
+source (every ``import`` statement, inside functions too).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ LAYERS = (
     ("pipelines",),
     ("evaluation", "training", "conversion", "hub_templates"),
     ("experiments",),
+    ("demo",),
 )
 
 

@@ -27,3 +27,11 @@ def test_ci_runs_the_readme_install_and_test_commands() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert INSTALL in ci
     assert TEST_COMMAND in ci
+
+
+def test_ci_installs_the_browser_before_the_tests_and_marks_itself_ci() -> None:
+    """The demo's browser tests fail rather than skip under CI=true, so CI installs Chromium first."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "apt-get install -y --no-install-recommends chromium" in ci
+    assert ci.index("chromium") < ci.index(INSTALL)
+    assert 'export CI="${CI:-true}"' in ci

@@ -13,8 +13,9 @@ NUM_CLASSES = 5
 
 
 def tiny_transformer(
-    num_classes: int | None = None, in_channels: int = 3, seed: int = 0
+    num_classes: int | None = None, in_channels: int = 3, seed: int = 0, state_chain: bool = True
 ) -> ArceeZigmaTransformer:
+    """Arcee-1 (or, with ``state_chain=False``, Zigma-1 with the very same weights) on a 4 x 4 token grid."""
     torch.manual_seed(seed)
     model = ArceeZigmaTransformer.from_preset(
         "Tiny/2",
@@ -25,6 +26,7 @@ def tiny_transformer(
         hidden_size=32,
         d_state=4,
         num_classes=num_classes,
+        state_chain=state_chain,
     )
     # the zero-initialised head and adaLN gates make an untrained model output exactly 0: perturb every weight
     generator = torch.Generator().manual_seed(seed + 1)
