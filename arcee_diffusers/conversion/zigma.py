@@ -15,6 +15,7 @@ architecture options that the config switches on (``ZIGMA_RELEASE`` in the varia
 
 from __future__ import annotations
 
+import _compat_pickle
 import math
 import os
 import pickle
@@ -102,6 +103,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     ``ZIGMA_ARGS_GLOBALS``; any other global stops the load before anything is called."""
 
     def find_class(self, module: str, name: str) -> Any:
+        # torch.save writes pickle protocol 2, which names builtins by their Python 2 modules
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in ZIGMA_ARGS_GLOBALS:
             return ZIGMA_ARGS_GLOBALS[module, name]
         allowed = torch._weights_only_unpickler._get_allowed_globals()
