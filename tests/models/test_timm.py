@@ -60,10 +60,11 @@ def load_timm(name: str, file: str, overlay: dict | None = None, **kwargs) -> to
 
 def test_importing_the_package_registers_the_models():
     assert timm.list_models("arcee_zigma*") == sorted(VARIANTS)
-    for name in VARIANTS:
-        cfg = timm.get_pretrained_cfg(name)
+    for variant in MODEL_VARIANTS:
+        cfg = timm.get_pretrained_cfg(variant.timm_name)
+        size = variant.config.get("sample_size", 32)
         assert (
-            cfg.input_size == (4, 32, 32)
+            cfg.input_size == (4, size, size)
             and cfg.first_conv == "patch_embed.proj"
             and cfg.classifier == "head"
         )
