@@ -57,7 +57,14 @@ _ARCHITECTURE_ARGS = {
     "timestep_scale": "timestep_scale",
 }
 # the config entries a checkpoint's config.json must agree on with the model (the weights cannot tell)
-_CHECKED_KEYS = ("patch_size", "scan_pattern", "num_scan_orders", "state_chain", "legacy_unpermute", "timestep_scale")
+_CHECKED_KEYS = (
+    "patch_size",
+    "scan_pattern",
+    "num_scan_orders",
+    "state_chain",
+    "legacy_unpermute",
+    "timestep_scale",
+)
 _CONFIG_TO_MODEL_ARGS = {"sample_size": "img_size", **{key: _ARCHITECTURE_ARGS[key] for key in _CHECKED_KEYS}}
 
 _checkpoint = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)

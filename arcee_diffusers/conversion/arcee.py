@@ -335,6 +335,4 @@ def convert_checkpoint(
         )
     path = path or trained_path or "gvp"
     raw = {"raw": weights["model"]} if "model" in weights else {}
-    return write_pipeline(
-        output_dir, config, weights["ema"], path, load_vae(vae, config["in_channels"]), raw
-    )
+    return write_pipeline(output_dir, config, weights["ema"], path, load_vae(vae, config["in_channels"]), raw)

@@ -98,6 +98,10 @@ ZIGMA_ARGS_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A global outside the admitted set: the file needs code to load."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Admits torch's own weights-only globals (tensor and storage rebuilds, plain types) and
     ``ZIGMA_ARGS_GLOBALS``; any other global stops the load before anything is called."""
@@ -111,7 +115,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         allowed = torch._weights_only_unpickler._get_allowed_globals()
         if f"{module}.{name}" in allowed:
             return allowed[f"{module}.{name}"]
-        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+        raise _RefusedGlobal(f"{module}.{name}")
 
 
 def _restricted_pickle_module() -> types.ModuleType:
@@ -148,11 +152,9 @@ def load_zigma_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         checkpoint = torch.load(
             path, map_location="cpu", pickle_module=_restricted_pickle_module(), weights_only=False
         )
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        culprit = found.group(1) if found else one_line(err, 200)
+    except _RefusedGlobal as err:
         raise ConversionError(
-            f"checkpoint {str(path)!r} needs pickled code to load ({culprit}); refusing it: only tensors, "
+            f"checkpoint {str(path)!r} needs pickled code to load ({err}); refusing it: only tensors, "
             "plain containers and a pickled OmegaConf DictConfig are read"
         ) from None
     except Exception as err:  # zip, EOF and storage errors of a damaged file come in unrelated types
@@ -237,7 +239,9 @@ def infer_zigma_config(params: dict[str, Any], state_dict: dict[str, Tensor]) ->
     if "pos_embed" in state_dict:
         found["img_dim"] = math.isqrt(state_dict["pos_embed"].shape[1]) * patch_weight.shape[2]
     mismatches = [
-        f"{name} {params[name]!r} (tensors: {value!r})" for name, value in found.items() if params[name] != value
+        f"{name} {params[name]!r} (tensors: {value!r})"
+        for name, value in found.items()
+        if params[name] != value
     ]
     if ("pos_embed" in state_dict) != (position_embedding != "none"):
         has = "has" if "pos_embed" in state_dict else "has no"
@@ -287,7 +291,8 @@ def zigma_model_card(pipeline: ArceeZigmaPipeline, source_file: str, legacy_unpe
     )
     source = (
         f"Converted with `scripts/convert_zigma_checkpoint.py` from `{source_file}` of "
-        f"[{ZIGMA_HUB_REPO}](https://huggingface.co/{ZIGMA_HUB_REPO}), the released weights of {ZIGMA_CITATION}; "
+        f"[{ZIGMA_HUB_REPO}](https://huggingface.co/{ZIGMA_HUB_REPO}), the released weights of "
+        f"{ZIGMA_CITATION}; "
         "code [CompVis/zigma](https://github.com/CompVis/zigma), Apache-2.0. Sampled as ZigMa samples: "
         "linear flow path, dopri5 (atol 1e-6, rtol 1e-3), SD-VAE latents x 0.18215, no guidance. The "
         f"conversion uses {rule}."

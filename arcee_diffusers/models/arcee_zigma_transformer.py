@@ -33,7 +33,8 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
     Patches plus a learnable 2-D sin-cos position table go through ``num_layers`` adaLN Mamba blocks
     conditioned on ``c = t_emb(t) + y_emb(y)``, then an adaLN head, zero-initialised like the adaLN gates, so
     the untrained model outputs exactly 0. The ``position_embedding``, ``timestep_scale``, ``final_norm``,
-    ``head_modulation``, ``legacy_unpermute`` and ``num_classes=0`` options build ZigMa's released models. With ``state_chain=True`` (Arcee) block k+1's scan starts from
+    ``head_modulation``, ``legacy_unpermute`` and ``num_classes=0`` options build ZigMa's released models.
+    With ``state_chain=True`` (Arcee) block k+1's scan starts from
     block k's final scan state instead of zero; the chain adds no parameters.
 
     Parameters:
@@ -64,8 +65,8 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
             as the published code's plain Linear gets; ``"mamba"``: the forward branch's dt init
             (``softplus`` in [1e-3, 1e-1]).
         position_embedding (`str`, defaults to `"sincos"`): The position table added to the patch tokens:
-            ``"sincos"`` (learnable, initialised with 2-D sin-cos), ``"learned"`` (learnable, zero-initialised:
-            ZigMa's ``use_pe: 2``) or ``"none"`` (no table: ZigMa's ``use_pe: 0``).
+            ``"sincos"`` (learnable, initialised with 2-D sin-cos), ``"learned"`` (learnable,
+            zero-initialised: ZigMa's ``use_pe: 2``) or ``"none"`` (no table: ZigMa's ``use_pe: 0``).
         timestep_scale (`float`, defaults to 1.0): Factor applied to ``t`` before its sinusoidal features
             (ZigMa's is 1000); the model still takes the raw flow time.
         final_norm (`bool`, defaults to `False`): Add the last block's output to the residual stream and
