@@ -161,6 +161,7 @@ class ArceeZigma(nn.Module):
         self.num_scan_orders = num_scan_orders
         self.state_chain = state_chain
         self.position_embedding = position_embedding
+        self.legacy_unpermute = legacy_unpermute
         self.timestep_scale = timestep_scale
         self.grad_checkpointing = False
 
