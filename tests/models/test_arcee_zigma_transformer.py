@@ -412,7 +412,7 @@ def test_torch_compile_with_the_scan_as_an_opaque_op():
         ({"num_scan_orders": 3}, "num_scan_orders"),
         ({"scan_pattern": "bidirectional", "num_scan_orders": 2}, "num_scan_orders"),
         ({"scan_pattern": "hilbert"}, "scan_pattern"),
-        ({"num_classes": 0}, "num_classes"),
+        ({"num_classes": -1}, "num_classes"),  # 0 is valid: no label embedding
         ({"class_dropout_prob": 0.1}, "class_dropout_prob"),
         ({"class_dropout_prob": 1.0, "num_classes": 3}, "class_dropout_prob"),
         ({"hidden_size": 30}, "hidden_size"),

@@ -206,8 +206,9 @@ def test_state_chain_on_and_off_share_keys_but_not_outputs(name):
         assert not torch.allclose(chain.forward_features(x), baseline.forward_features(x), atol=1e-4)
 
 
-# ZigMa's released models' trunk: no position table, the final norm, t x 1000 (and no label table, no adaLN head)
-ZIGMA_TRUNK = {"position_embedding": "none", "final_norm": True, "timestep_scale": 1000.0, "state_chain": False}
+# the trunk of ZigMa's released models: no position table, the final norm, t x 1000
+ZIGMA_TRUNK = {"position_embedding": "none", "final_norm": True, "timestep_scale": 1000.0}
+ZIGMA_TRUNK["state_chain"] = False
 # (timm name, timm kwargs, diffusers overrides): Arcee-1, Zigma-4 baseline, ArceeVim, a conditional Arcee-2,
 # a ZigMa release-like Zigma-2.
 CONVERSIONS = [
