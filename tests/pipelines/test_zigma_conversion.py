@@ -313,3 +313,18 @@ def test_the_script_reports_a_user_error_in_one_line(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "cannot read checkpoint" in result.stderr
+
+
+def test_weights_model_makes_the_raw_weights_the_transformer(tmp_path, omegaconf_lookalike):
+    params = zigma_params("patch2_none")
+    checkpoint = write_checkpoint(tmp_path / "zigma.pt", params, omegaconf_lookalike)
+    contents = load_zigma_checkpoint(checkpoint)
+    config = infer_zigma_config(params, contents["model"])
+    convert_zigma_checkpoint(checkpoint, tmp_path / "raw", weights="model", vae=None)
+    raw = ArceeZigmaTransformer.from_pretrained(tmp_path / "raw" / "transformer")
+    ema = ArceeZigmaTransformer.from_pretrained(tmp_path / "raw" / "transformer", variant="ema")
+    for model, name in ((raw, "model"), (ema, "ema")):
+        expected = convert_zigma_state_dict(contents[name], config, name)
+        assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+    with pytest.raises(ConversionError, match="weights must be 'ema' or 'model', got 'best'"):
+        convert_zigma_checkpoint(checkpoint, tmp_path / "bad", weights="best", vae=None)
