@@ -321,7 +321,7 @@ def convert_checkpoint(
     contents = load_published_checkpoint(checkpoint)
     stored = training_args(contents)
     check_published_args(stored, scan_type, model)
-    config = infer_config(contents["ema"], scan_type, model)
+    config = infer_config(strip_wrapper_prefixes(contents["ema"]), scan_type, model)
     weights = {
         name: convert_state_dict(contents[name], config, name)
         for name in ("ema", "model")
