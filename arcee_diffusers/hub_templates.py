@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from .models import VARIANTS, ArceeZigmaTransformer
-from .models.variants import SD_VAE_CONFIG, SD_VAE_NAME
+from .models.variants import SD_VAE_CONFIG, SD_VAE_NAME, VARIANTS_BY_NAME
 from .pipelines import ArceeZigmaPipeline
 from .pipelines.folder_layout import write_reexport_layout
 from .pipelines.model_card import model_card
@@ -33,16 +33,19 @@ def write_repo_template(folder: str | os.PathLike, repo_id: str) -> list[Path]:
     """Complete `folder` (which holds `transformer/config.json`) into a Hub repo template, weights aside.
 
     Writes `model_index.json` and the re-export files, `scheduler/scheduler_config.json` (the paper's
-    sampler: GVP path, dopri5, atol 1e-6, rtol 1e-3), `vae/config.json` (sd-vae-ft-ema) for latent models,
-    and a README.md model card. `ArceeZigmaPipeline.push_to_hub` regenerates all of them, with the weights.
-    Returns the written paths.
+    sampler: dopri5, atol 1e-6, rtol 1e-3, on the GVP path, or the linear one for a folder named after one
+    of ZigMa's released models), `vae/config.json` (sd-vae-ft-ema) for latent models, and a README.md model
+    card. `ArceeZigmaPipeline.push_to_hub` regenerates all of them, with the weights. Returns the written
+    paths.
     """
     folder = Path(folder)
+    variant = VARIANTS_BY_NAME.get(folder.name)
+    flow_path = variant.flow_path if variant is not None else "gvp"
     config = ArceeZigmaTransformer.load_config(folder / "transformer")
     with torch.device("meta"):  # configs and parameter counts only: no weights are allocated
         transformer = ArceeZigmaTransformer.from_config(config)
         vae = AutoencoderKL(**SD_VAE_CONFIG) if config["in_channels"] == 4 else None
-    scheduler = FlowMatchGVPScheduler(path="gvp", **PAPER_SOLVER)
+    scheduler = FlowMatchGVPScheduler(path=flow_path, **PAPER_SOLVER)
     pipe = ArceeZigmaPipeline(transformer, scheduler, vae=vae)
 
     pipe.save_config(folder)
@@ -53,7 +56,15 @@ def write_repo_template(folder: str | os.PathLike, repo_id: str) -> list[Path]:
         written.append(folder / "vae" / "config.json")
     write_reexport_layout(folder)
     written += sorted(folder.glob("*.py")) + sorted(folder.glob("*/*.py"))
-    card = model_card(pipe, repo_id, vae_name=SD_VAE_NAME if vae is not None else None, tags=["template"])
+    source = None
+    if variant is not None and variant.zigma_checkpoint:
+        source = (
+            f"Weights: `{variant.zigma_checkpoint}` of ZigMa's release (Hub repo `taohu/zigma`, Apache-2.0), "
+            "converted with `scripts/convert_zigma_checkpoint.py`."
+        )
+    card = model_card(
+        pipe, repo_id, vae_name=SD_VAE_NAME if vae is not None else None, tags=["template"], source=source
+    )
     card.save(folder / "README.md")
     written.append(folder / "README.md")
     return written

@@ -51,9 +51,20 @@ _ARCHITECTURE_ARGS = {
     "state_chain": "state_chain",
     "d_conv": "d_conv",
     "expand": "expand",
+    "position_embedding": "position_embedding",
+    "final_norm": "final_norm",
+    "legacy_unpermute": "legacy_unpermute",
+    "timestep_scale": "timestep_scale",
 }
 # the config entries a checkpoint's config.json must agree on with the model (the weights cannot tell)
-_CHECKED_KEYS = ("patch_size", "scan_pattern", "num_scan_orders", "state_chain")
+_CHECKED_KEYS = (
+    "patch_size",
+    "scan_pattern",
+    "num_scan_orders",
+    "state_chain",
+    "legacy_unpermute",
+    "timestep_scale",
+)
 _CONFIG_TO_MODEL_ARGS = {"sample_size": "img_size", **{key: _ARCHITECTURE_ARGS[key] for key in _CHECKED_KEYS}}
 
 _checkpoint = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
@@ -105,6 +116,9 @@ class ArceeZigma(nn.Module):
             (the published code's zero bias) or ``"mamba"`` (the forward direction's dt init), as in
             ``ArceeZigmaTransformer``.
         scan_backend: Backend passed to ``arcee_scan.selective_scan`` (None = automatic).
+        position_embedding, final_norm, legacy_unpermute: As in ``ArceeZigmaTransformer`` (ZigMa's released
+            models: ``"learned"`` or ``"none"``, True, and the 2024-04 rule when needed).
+        timestep_scale: The generator's time scale, used only to convert its checkpoint's conditioning.
     """
 
     def __init__(
@@ -125,6 +139,10 @@ class ArceeZigma(nn.Module):
         drop_rate: float = 0.0,
         backward_dt_init: str = "zero",
         scan_backend: str | None = None,
+        position_embedding: str = "sincos",
+        final_norm: bool = False,
+        legacy_unpermute: bool = False,
+        timestep_scale: float = 1.0,
     ):
         super().__init__()
         validate_scan_config(scan_pattern, num_scan_orders)
@@ -142,17 +160,22 @@ class ArceeZigma(nn.Module):
         self.scan_pattern = scan_pattern
         self.num_scan_orders = num_scan_orders
         self.state_chain = state_chain
+        self.position_embedding = position_embedding
+        self.legacy_unpermute = legacy_unpermute
+        self.timestep_scale = timestep_scale
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size * self.grid_size, embed_dim))
+        has_table = position_embedding != "none"
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, embed_dim)) if has_table else None
         # Replaces the generator's t_emb(t) + y_emb(y); see `checkpoint_filter_fn` for its converted value.
         self.conditioning = nn.Parameter(torch.zeros(1, embed_dim))
 
         self.blocks = build_mamba_blocks(
             embed_dim, depth, self.grid_size, scan_pattern, num_scan_orders, backward_dt_init,
-            d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend,
+            legacy_unpermute, d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend,
         )  # fmt: skip
+        self.norm_out = nn.RMSNorm(embed_dim, eps=1e-5) if final_norm else None
         self.feature_info = [
             dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)
         ]
@@ -171,7 +194,10 @@ class ArceeZigma(nn.Module):
             if bias is not None and not getattr(bias, "_no_reinit", False):
                 nn.init.zeros_(bias)
         init_mamba_blocks(self.blocks)
-        self.pos_embed.copy_(get_2d_sincos_pos_embed(self.embed_dim, self.grid_size).unsqueeze(0))
+        if self.position_embedding == "sincos":
+            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.embed_dim, self.grid_size).unsqueeze(0))
+        elif self.pos_embed is not None:
+            nn.init.zeros_(self.pos_embed)
         self.patch_embed.reset_parameters()
         nn.init.normal_(self.conditioning, std=0.02)
 
@@ -201,7 +227,7 @@ class ArceeZigma(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         if num_classes > 0:
-            reference = self.pos_embed
+            reference = self.patch_embed.proj.weight
             self.head = nn.Linear(
                 self.num_features, num_classes, device=reference.device, dtype=reference.dtype
             )
@@ -214,7 +240,8 @@ class ArceeZigma(nn.Module):
             raise ValueError(
                 f"x must have shape (batch, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
-        return self.patch_embed(x) + self.pos_embed  # (B, T, D), row-major
+        tokens = self.patch_embed(x)  # (B, T, D), row-major
+        return tokens if self.pos_embed is None else tokens + self.pos_embed
 
     def _run_blocks(
         self, tokens: Tensor, blocks: nn.ModuleList, return_intermediates: bool = False
@@ -222,7 +249,7 @@ class ArceeZigma(nn.Module):
         conditioning = self.conditioning.expand(tokens.shape[0], -1)  # (B, D)
         checkpoint_fn = _checkpoint if self.grad_checkpointing and torch.is_grad_enabled() else None
         return run_mamba_blocks(
-            blocks, tokens, conditioning, self.state_chain, checkpoint_fn, return_intermediates
+            blocks, tokens, conditioning, self.state_chain, checkpoint_fn, return_intermediates, self.norm_out
         )
 
     def forward_intermediates(
@@ -295,12 +322,16 @@ class ArceeZigma(nn.Module):
 
 
 @torch.no_grad()
-def diffusers_conditioning(state_dict: dict[str, Tensor], timestep: float = DATA_END_TIME) -> Tensor:
-    """The conditioning ``t_emb(timestep) + y_emb(null)`` of an ``ArceeZigmaTransformer`` state dict.
+def diffusers_conditioning(
+    state_dict: dict[str, Tensor], timestep: float = DATA_END_TIME, timestep_scale: float = 1.0
+) -> Tensor:
+    """The conditioning ``t_emb(timestep_scale * timestep) + y_emb(null)`` of an ``ArceeZigmaTransformer``
+    state dict.
 
     The label row is the table's last: the only row of an unconditional model, the null (classifier-free
-    guidance) row of a conditional one. The default time is the data end of the flow (t = 1), where the
-    generator sees clean inputs, as a backbone does. Returns ``(1, hidden_size)``, float32.
+    guidance) row of a conditional one; a model without a label table (``num_classes=0``) adds nothing. The
+    default time is the data end of the flow (t = 1), where the generator sees clean inputs, as a backbone
+    does. Returns ``(1, hidden_size)``, float32.
     """
     hidden_size, frequency_size = state_dict["time_embed.mlp.0.weight"].shape
     time_embed = TimestepEmbedder(hidden_size, frequency_size)
@@ -311,8 +342,9 @@ def diffusers_conditioning(state_dict: dict[str, Tensor], timestep: float = DATA
             if k.startswith("time_embed.")
         }
     )
-    null_label = state_dict["label_embed.embedding_table.weight"][-1:].float()
-    return time_embed(torch.tensor([float(timestep)]), torch.float32) + null_label
+    conditioning = time_embed(torch.tensor([float(timestep) * timestep_scale]), torch.float32)
+    label_table = state_dict.get("label_embed.embedding_table.weight")
+    return conditioning if label_table is None else conditioning + label_table[-1:].float()
 
 
 def _checkpoint_depth(keys: set[str]) -> int:
@@ -349,7 +381,7 @@ def _check_diffusers_config(model: ArceeZigma) -> None:
 
 
 def _convert_diffusers(state_dict: dict[str, Tensor], model: ArceeZigma) -> dict[str, Tensor]:
-    required = ("pos_embed", "time_embed.mlp.0.weight", "label_embed.embedding_table.weight")
+    required = ("time_embed.mlp.0.weight",) + (("pos_embed",) if model.pos_embed is not None else ())
     missing = [key for key in required if key not in state_dict]
     if missing:
         raise ValueError(
@@ -358,7 +390,8 @@ def _convert_diffusers(state_dict: dict[str, Tensor], model: ArceeZigma) -> dict
         )
     _check_diffusers_config(model)
     converted = {k: v for k, v in state_dict.items() if not k.startswith(_DIFFUSERS_ONLY_PREFIXES)}
-    converted["conditioning"] = diffusers_conditioning(state_dict).to(model.conditioning.dtype)
+    conditioning = diffusers_conditioning(state_dict, timestep_scale=model.timestep_scale)
+    converted["conditioning"] = conditioning.to(model.conditioning.dtype)
     # A generator has no classifier: keep the model's own initialisation of it.
     converted.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
     return converted
@@ -380,10 +413,10 @@ def _check_compatible(state_dict: dict[str, Tensor], model: ArceeZigma) -> None:
     if missing or unexpected:
         raise ValueError(f"Checkpoint keys do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-    grid_tokens = state_dict["pos_embed"].shape[1]
-    if grid_tokens != model.pos_embed.shape[1]:
+    grid_tokens = state_dict["pos_embed"].shape[1] if model.pos_embed is not None else model.grid_size**2
+    if grid_tokens != model.grid_size**2:
         raise ValueError(
-            f"The checkpoint's position table has {grid_tokens} tokens, the model {model.pos_embed.shape[1]} "
+            f"The checkpoint's position table has {grid_tokens} tokens, the model {model.grid_size**2} "
             f"(img_size {model.img_size} / patch_size {model.patch_size}). Position tables are not "
             f"resampled: use the checkpoint's input size"
         )

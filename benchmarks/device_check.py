@@ -61,6 +61,8 @@ def steps(out: Path, tmp: Path) -> list[Step]:
     bench_model += ["--dtype", "bf16", "--orders", "1,4", "--out", str(out / "bench_model_gpu.json")]
     bench_sampling = ["benchmarks/bench_sampling.py", "--device", "cuda"]
     bench_sampling += ["--out", str(out / "bench_sampling_gpu.json")]
+    bench_zigma = ["benchmarks/bench_zigma_sampling.py", "--device", "cuda", "--calls", "3"]
+    bench_zigma += ["--out", str(out / "bench_zigma_sampling_gpu.json")]
     bench_train = ["benchmarks/bench_train.py", "--device", "cuda", "--num_scan_orders", "1", "4"]
     bench_train += ["--output_json", str(out / "bench_train_gpu.json")]
     return [
@@ -79,6 +81,7 @@ def steps(out: Path, tmp: Path) -> list[Step]:
         Step("bench_model", [py, *bench_model], 150, outputs=["bench_model_gpu.json"]),
         Step("bench_sampling", [py, *bench_sampling], 120, outputs=["bench_sampling_gpu.json"]),
         Step("bench_train", [py, *bench_train], 180, outputs=["bench_train_gpu.json"]),
+        Step("bench_zigma_sampling", [py, *bench_zigma], 120, outputs=["bench_zigma_sampling_gpu.json"]),
     ]
 
 

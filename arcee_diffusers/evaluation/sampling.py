@@ -26,7 +26,7 @@ MODEL_CALLS_FILE = "model_calls.json"
 
 
 def sample_label(index: int, num_classes: int | None) -> int | None:
-    return None if num_classes is None else index % num_classes
+    return index % num_classes if num_classes else None
 
 
 def sample_images(
@@ -46,7 +46,7 @@ def sample_images(
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         generators = [torch.Generator(device).manual_seed(seed + i) for i in chunk]
-        labels = None if num_classes is None else [sample_label(i, num_classes) for i in chunk]
+        labels = [sample_label(i, num_classes) for i in chunk] if num_classes else None
         output = pipeline(
             batch_size=len(chunk),
             class_labels=labels,
@@ -57,7 +57,7 @@ def sample_images(
         )
         images.append(output.images)
         model_calls += [output.nfe] * len(chunk)
-    labels = None if num_classes is None else np.array([sample_label(i, num_classes) for i in indices])
+    labels = np.array([sample_label(i, num_classes) for i in indices]) if num_classes else None
     return np.concatenate(images), labels, model_calls
 
 

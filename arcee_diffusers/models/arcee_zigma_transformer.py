@@ -14,12 +14,15 @@ from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sinc
 from .mamba_blocks import (
     BACKWARD_DT_INITS,
     AdaLNHead,
+    LayerNormHead,
     build_mamba_blocks,
     init_mamba_blocks,
     run_mamba_blocks,
 )
 from .scan_orders import validate_scan_config
 from .variants import get_variant, preset_config
+
+POSITION_EMBEDDINGS = ("sincos", "learned", "none")
 
 
 class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
@@ -29,7 +32,9 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
 
     Patches plus a learnable 2-D sin-cos position table go through ``num_layers`` adaLN Mamba blocks
     conditioned on ``c = t_emb(t) + y_emb(y)``, then an adaLN head, zero-initialised like the adaLN gates, so
-    the untrained model outputs exactly 0. With ``state_chain=True`` (Arcee) block k+1's scan starts from
+    the untrained model outputs exactly 0. The ``position_embedding``, ``timestep_scale``, ``final_norm``,
+    ``head_modulation``, ``legacy_unpermute`` and ``num_classes=0`` options build ZigMa's released models.
+    With ``state_chain=True`` (Arcee) block k+1's scan starts from
     block k's final scan state instead of zero; the chain adds no parameters.
 
     Parameters:
@@ -41,9 +46,10 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
         hidden_size (`int`, defaults to 768): Token width ``d_model``.
         d_state (`int`, defaults to 256): SSM state size ``N`` (256 in every paper run).
         num_classes (`int`, *optional*): Number of classes; None builds an unconditional model (one learned
-            label row). A conditional model always has a null row, label ``num_classes``, used for dropped
-            labels and for the unconditional branch of classifier-free guidance, whatever
-            ``class_dropout_prob`` is, so any conditional model can be sampled with guidance.
+            label row), 0 an unconditional model without a label embedding (``c = t_emb(t)``, ZigMa's). A
+            conditional model always has a null row, label ``num_classes``, used for dropped labels and for
+            the unconditional branch of classifier-free guidance, whatever ``class_dropout_prob`` is, so any
+            conditional model can be sampled with guidance.
         class_dropout_prob (`float`, defaults to 0.0): Training-mode probability of replacing a label by the
             null label.
         scan_pattern (`str`, defaults to `"zigzag"`): ``"zigzag"`` (ZigMa's boustrophedon paths) or
@@ -58,6 +64,17 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
             ``dt_proj_b`` (bidirectional only): ``"zero"`` bias, so ``softplus(0) = ln 2`` on every channel,
             as the published code's plain Linear gets; ``"mamba"``: the forward branch's dt init
             (``softplus`` in [1e-3, 1e-1]).
+        position_embedding (`str`, defaults to `"sincos"`): The position table added to the patch tokens:
+            ``"sincos"`` (learnable, initialised with 2-D sin-cos), ``"learned"`` (learnable,
+            zero-initialised: ZigMa's ``use_pe: 2``) or ``"none"`` (no table: ZigMa's ``use_pe: 0``).
+        timestep_scale (`float`, defaults to 1.0): Factor applied to ``t`` before its sinusoidal features
+            (ZigMa's is 1000); the model still takes the raw flow time.
+        final_norm (`bool`, defaults to `False`): Add the last block's output to the residual stream and
+            RMS-normalise it (eps 1e-5) before the head, as ZigMa's ``norm_f`` does.
+        head_modulation (`bool`, defaults to `True`): adaLN shift/scale in the head (DiT's); False gives
+            ZigMa's head, LayerNorm and Linear only.
+        legacy_unpermute (`bool`, defaults to `False`): Put tokens back after each zigzag scan with the path
+            instead of its inverse, as ZigMa's code of 2024-04-08 to 2024-05-24 did (docs/model.md).
     """
 
     _supports_gradient_checkpointing = True
@@ -86,6 +103,11 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
         expand: int = 2,
         scan_backend: str | None = None,
         backward_dt_init: str = "zero",
+        position_embedding: str = "sincos",
+        timestep_scale: float = 1.0,
+        final_norm: bool = False,
+        head_modulation: bool = True,
+        legacy_unpermute: bool = False,
     ):
         super().__init__()
         self._validate_config()
@@ -93,15 +115,19 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
         grid_size = sample_size // patch_size
 
         self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size * grid_size, hidden_size))
+        has_table = position_embedding != "none"
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size**2, hidden_size)) if has_table else None
         self.time_embed = TimestepEmbedder(hidden_size)
-        self.label_embed = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        has_labels = num_classes != 0
+        self.label_embed = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if has_labels else None
 
         self.blocks = build_mamba_blocks(
             hidden_size, num_layers, grid_size, scan_pattern, num_scan_orders, backward_dt_init,
-            d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend,
+            legacy_unpermute, d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend,
         )  # fmt: skip
-        self.final_layer = AdaLNHead(hidden_size, patch_size, out_channels)
+        self.norm_out = nn.RMSNorm(hidden_size, eps=1e-5) if final_norm else None
+        head = AdaLNHead if head_modulation else LayerNormHead
+        self.final_layer = head(hidden_size, patch_size, out_channels)
 
         self.initialize_weights()
 
@@ -125,14 +151,23 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
                 f"hidden_size must be divisible by 4 (2-D sin-cos positions), got {config.hidden_size}"
             )
         if config.num_classes is not None and (
-            not isinstance(config.num_classes, int) or config.num_classes < 1
+            not isinstance(config.num_classes, int) or config.num_classes < 0
         ):
             raise ValueError(
-                f"num_classes must be None (unconditional) or a positive int, got {config.num_classes!r}"
+                "num_classes must be None (unconditional), 0 (unconditional, no label embedding) or a "
+                f"positive int, got {config.num_classes!r}"
             )
         if not 0.0 <= config.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {config.class_dropout_prob!r}")
-        if config.class_dropout_prob > 0 and config.num_classes is None:
+        if config.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {config.position_embedding!r}"
+            )
+        if not isinstance(config.timestep_scale, (int, float)) or config.timestep_scale <= 0:
+            raise ValueError(f"timestep_scale must be a positive number, got {config.timestep_scale!r}")
+        if config.legacy_unpermute and config.scan_pattern != "zigzag":
+            raise ValueError("legacy_unpermute needs scan_pattern='zigzag' (it changes how zigzag scans end)")
+        if config.class_dropout_prob > 0 and not config.num_classes:
             raise ValueError(
                 "class_dropout_prob > 0 needs num_classes (an unconditional model has no labels)"
             )
@@ -149,12 +184,16 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
         init_mamba_blocks(self.blocks)
 
         grid_size = self.config.sample_size // self.config.patch_size
-        self.pos_embed.copy_(get_2d_sincos_pos_embed(self.config.hidden_size, grid_size).unsqueeze(0))
+        if self.config.position_embedding == "sincos":
+            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.config.hidden_size, grid_size).unsqueeze(0))
+        elif self.pos_embed is not None:
+            nn.init.zeros_(self.pos_embed)
         self.patch_embed.reset_parameters()
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        if self.config.head_modulation:
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -191,21 +230,34 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
                 f"timestep must be a scalar or have shape ({batch},), got {tuple(timestep.shape)}"
             )
 
-        tokens = self.patch_embed(hidden_states) + self.pos_embed
-        conditioning = self.time_embed(timestep, tokens.dtype) + self.label_embed(class_labels, batch)
+        tokens = self.patch_embed(hidden_states)
+        if self.pos_embed is not None:
+            tokens = tokens + self.pos_embed
+        conditioning = self.time_embed(timestep * self.config.timestep_scale, tokens.dtype)
+        if self.label_embed is not None:
+            conditioning = conditioning + self.label_embed(class_labels, batch)
+        elif class_labels is not None:
+            raise ValueError("class_labels must be None for an unconditional model (num_classes=0)")
         return tokens, conditioning
 
     def forward_blocks(
         self, tokens: Tensor, conditioning: Tensor, return_intermediates: bool = False
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """The trunk: all blocks on ``(B, T, hidden_size)`` tokens, with the state chain when configured."""
+        """The trunk: all blocks on ``(B, T, hidden_size)`` tokens, with the state chain and the final norm
+        when configured."""
         checkpoint_fn = (
             self._gradient_checkpointing_func
             if torch.is_grad_enabled() and self.gradient_checkpointing
             else None
         )
         return run_mamba_blocks(
-            self.blocks, tokens, conditioning, self.config.state_chain, checkpoint_fn, return_intermediates
+            self.blocks,
+            tokens,
+            conditioning,
+            self.config.state_chain,
+            checkpoint_fn,
+            return_intermediates,
+            self.norm_out,
         )
 
     def unpatchify(self, patches: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ class MambaMixer(nn.Module):
     ``scan_path`` (a permutation of the token axis, see ``scan_orders``) makes the scan visit the tokens in
     that order; everything else in the mixer is per-token, so the mixer permutes its input, scans, projects
     and un-permutes. The permutation lives in non-persistent buffers: it is not part of the state dict.
+    ``legacy_unpermute`` un-permutes with the path itself instead of its inverse (ZigMa's 2024-04 code).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class MambaMixer(nn.Module):
         dt_init_floor: float = 1e-4,
         scan_path: Tensor | None = None,
         scan_backend: str | None = None,
+        legacy_unpermute: bool = False,
     ):
         super().__init__()
         self.d_model = d_model
@@ -64,8 +66,11 @@ class MambaMixer(nn.Module):
         if scan_path is None:
             self.scan_path = self.scan_path_inverse = None
         else:
+            # ZigMa's code of 2024-04-08 to 2024-05-24 put tokens back with the path instead of its inverse;
+            # checkpoints trained under it only work the same way.
+            unpermute = scan_path if legacy_unpermute else inverse_permutation(scan_path)
             self.register_buffer("scan_path", scan_path.clone(), persistent=False)
-            self.register_buffer("scan_path_inverse", inverse_permutation(scan_path), persistent=False)
+            self.register_buffer("scan_path_inverse", unpermute.clone(), persistent=False)
 
     def _make_ssm_layers(self, d_conv: int) -> tuple[nn.Conv1d, nn.Linear, nn.Linear]:
         conv1d = nn.Conv1d(
@@ -255,6 +260,18 @@ class ArceeMambaBlock(nn.Module):
         return hidden_states + gate * out, residual, final_state
 
 
+class LayerNormHead(nn.Module):
+    """ZigMa's final layer: LayerNorm (no affine) and Linear to ``patch**2 * out_channels``, no modulation."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, hidden_states: Tensor, conditioning: Tensor) -> Tensor:
+        return self.linear(self.norm(hidden_states))
+
+
 class AdaLNHead(nn.Module):
     """DiT's final layer: LayerNorm (no affine), adaLN shift/scale, Linear to ``patch**2 * out_channels``."""
 
@@ -276,10 +293,12 @@ def build_mamba_blocks(
     scan_pattern: str,
     num_scan_orders: int,
     backward_dt_init: str = "zero",
+    legacy_unpermute: bool = False,
     **mixer_kwargs,
 ) -> nn.ModuleList:
     """``num_layers`` adaLN Mamba blocks; zigzag block ``i`` scans path ``i mod num_scan_orders``.
-    ``backward_dt_init`` is the bidirectional mixers' (see ``BidirectionalMambaMixer``)."""
+    ``backward_dt_init`` is the bidirectional mixers' (see ``BidirectionalMambaMixer``),
+    ``legacy_unpermute`` the zigzag mixers' (see ``MambaMixer``)."""
     paths = zigzag_paths(grid_size) if scan_pattern == "zigzag" else None
     blocks = nn.ModuleList()
     for index in range(num_layers):
@@ -287,7 +306,7 @@ def build_mamba_blocks(
             mixer = BidirectionalMambaMixer(hidden_size, backward_dt_init=backward_dt_init, **mixer_kwargs)
         else:
             path = layer_scan_path(paths, index, num_scan_orders)
-            mixer = MambaMixer(hidden_size, scan_path=path, **mixer_kwargs)
+            mixer = MambaMixer(hidden_size, scan_path=path, legacy_unpermute=legacy_unpermute, **mixer_kwargs)
         blocks.append(ArceeMambaBlock(hidden_size, mixer))
     return blocks
 
@@ -311,6 +330,7 @@ def run_mamba_blocks(
     state_chain: bool,
     checkpoint_fn: Callable | None = None,
     return_intermediates: bool = False,
+    final_norm: nn.Module | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Run the block stack on ``(B, L, d_model)`` tokens given a ``(B, d_model)`` conditioning vector.
 
@@ -318,7 +338,9 @@ def run_mamba_blocks(
     scan state, passed on as is (no detach): gradients flow back through the chain. The last block's final
     state is not computed. ``checkpoint_fn(block, *args)`` (e.g. diffusers' ``_gradient_checkpointing_func``)
     recomputes each block in the backward; the state goes in and out of it like any other tensor.
-    Returns the last block's output, and each block's output when ``return_intermediates``.
+    ``final_norm`` (ZigMa's ``norm_f``): the last block's output is added to the residual stream and
+    normalised. Returns the last block's output (after ``final_norm``), and each block's output when
+    ``return_intermediates``.
     """
     residual = None
     state = None
@@ -336,4 +358,6 @@ def run_mamba_blocks(
             )
         if return_intermediates:
             intermediates.append(hidden_states)
+    if final_norm is not None:
+        hidden_states = final_norm((residual + hidden_states).to(final_norm.weight.dtype))
     return (hidden_states, intermediates) if return_intermediates else hidden_states

@@ -9,7 +9,9 @@ chain). Each entry of ``VARIANTS`` carries all of its names:
 - ``row``: its row of the paper's Table 2 (``reproduce_table2.py --rows``), with the published FID and
   KID×10³ (CelebA-HQ 256, 50k steps); only the B/2 and Vim-B/2 entries have one;
 - ``published_scan_type``: the ``--scan-type`` of the published Arcee code that runs this layout (the
-  checkpoint converter's names).
+  checkpoint converter's names);
+- ``zigma_checkpoint``: the file of ZigMa's released weights (Hub repo ``taohu/zigma``) that this entry
+  loads exactly (``scripts/convert_zigma_checkpoint.py``); those entries sample on the linear flow path.
 
 Adding a variant is one entry here; the timm registry, the Hub templates, the Table 2 rows, the converter's
 names and the table in docs/model.md all derive from it.
@@ -50,6 +52,18 @@ SD_VAE_CONFIG: dict[str, Any] = {
     "sample_size": 256,
     "scaling_factor": 0.18215,
 }
+# ZigMa's released models (CompVis/zigma): its time scale, final norm, plain head, no label embedding,
+# d_state 16 and the state chain off; each entry adds its input size and position table
+ZIGMA_RELEASE: dict[str, Any] = {
+    "d_state": 16,
+    "num_classes": 0,
+    "timestep_scale": 1000.0,
+    "final_norm": True,
+    "head_modulation": False,
+    "num_scan_orders": 8,
+    "state_chain": False,
+}
+ZIGMA_HUB_REPO = "taohu/zigma"
 # the config keys that make a scan layout (the rest is size)
 LAYOUT_KEYS = ("scan_pattern", "num_scan_orders", "state_chain")
 
@@ -66,6 +80,12 @@ class Variant:
     row: str | None = None
     paper_fid_kid: tuple[float, float] | None = None
     published_scan_type: str | None = None
+    zigma_checkpoint: str | None = None
+
+    @property
+    def flow_path(self) -> str:
+        """The flow path its weights were trained on: linear for ZigMa's, the paper's GVP otherwise."""
+        return "linear" if self.zigma_checkpoint else "gvp"
 
     @property
     def config(self) -> dict[str, Any]:
@@ -75,6 +95,10 @@ class Variant:
 
 def _zigzag(k: int, state_chain: bool) -> dict[str, Any]:
     return {"num_scan_orders": k, "state_chain": state_chain}
+
+
+def _zigma_release(sample_size: int, position_embedding: str) -> dict[str, Any]:
+    return {**ZIGMA_RELEASE, "sample_size": sample_size, "position_embedding": position_embedding}
 
 
 # Table 2's rows come first, in the paper's order: (baseline, Arcee) pairs with the same scan layout.
@@ -98,6 +122,13 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("arcee-4-b1",   "Arcee-4",      "arcee_zigma_b_p1_k4",          "B/1",     _zigzag(4, True)),
     Variant("arcee-4-xb2",  "Arcee-4",      "arcee_zigma_xb_p2_k4",         "XB/2",    _zigzag(4, True)),
     Variant("arcee-4-l2",   "Arcee-4",      "arcee_zigma_l_p2_k4",          "L/2",     _zigzag(4, True)),
+    # ZigMa's released unconditional weights (scripts/convert_zigma_checkpoint.py)
+    Variant("zigma-8-churches256",   "Zigma-8", "arcee_zigma_b_p1_k8_nochain_churches256",   "B/1",
+            _zigma_release(32, "learned"), zigma_checkpoint="churches256_0280000.pt"),
+    Variant("zigma-8-faceshq1024",   "Zigma-8", "arcee_zigma_b_p2_k8_nochain_faceshq1024",   "B/2",
+            _zigma_release(128, "none"),   zigma_checkpoint="faceshq1024_0090000.pt"),
+    Variant("zigma-8-landscape1024", "Zigma-8", "arcee_zigma_b_p2_k8_nochain_landscape1024", "B/2",
+            _zigma_release(128, "none"),   zigma_checkpoint="landscape1024_0210000.pt"),
 )  # fmt: skip
 
 VARIANTS_BY_NAME: dict[str, Variant] = {variant.name: variant for variant in VARIANTS}
@@ -140,7 +171,7 @@ def markdown_table() -> str:
     """The table as Markdown, for docs/model.md (a test keeps the two equal)."""
     columns = (
         "name", "display name", "timm", "preset", "depth", "width", "patch", "scan", "state chain",
-        "Table 2 row", "paper FID / KID×10³", "published `--scan-type`",
+        "Table 2 row", "paper FID / KID×10³", "published `--scan-type`", "ZigMa weights",
     )  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for variant in VARIANTS:
@@ -160,6 +191,7 @@ def markdown_table() -> str:
             f"`{variant.row}`" if variant.row else "",
             "{:.2f} / {:.2f}".format(*variant.paper_fid_kid) if variant.paper_fid_kid else "",
             f"`{variant.published_scan_type}`" if variant.published_scan_type else "",
+            f"`{variant.zigma_checkpoint}`" if variant.zigma_checkpoint else "",
         )
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"

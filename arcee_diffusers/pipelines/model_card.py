@@ -164,6 +164,7 @@ def model_card(
     tags: list[str] | None = None,
     variant: str | None = None,
     vae_name: str | None = None,
+    source: str | None = None,
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` for `pipe`, generated from its config and the run that made it.
 
@@ -179,6 +180,7 @@ def model_card(
         tags: extra tags.
         variant: the weights' variant name (e.g. `"ema"`), used in the usage snippet.
         vae_name: the VAE's Hub id; default its `_name_or_path` when that is not a local folder.
+        source: where the weights come from (Markdown), for weights converted from other code.
 
     The `pipeline_tag` is `unconditional-image-generation` for class-conditional models too: the Hub has no
     class-conditional task, and these models take no text or image input (a `class-conditional` tag marks
@@ -194,7 +196,7 @@ def model_card(
     dataset_label = training_info.get("dataset_name") or training_info.get("train_data_dir") or "custom"
     variant_name = display_name(config)
     preset = _preset_name(config)
-    conditional = config.num_classes is not None
+    conditional = bool(config.num_classes)
     flow_path = pipe.config.flow_path
     scheduler_description = _scheduler_description(pipe.scheduler)
     if vae_name is None and pipe.vae is not None:
@@ -259,6 +261,7 @@ def model_card(
         repo_id=repo_id,
         model_title=model_title,
         summary=summary,
+        source=source,
         architecture=[(name, _format(value)) for name, value in architecture],
         variant=variant,
         usage_call=usage_call,

@@ -229,10 +229,11 @@ class ArceeZigmaPipeline(DiffusionPipeline):
             raise ValueError(
                 f"num_inference_steps must be a positive int or None, got {num_inference_steps!r}"
             )
-        if config.num_classes is None:
+        if not config.num_classes:
             if class_labels is not None:
                 raise ValueError(
-                    "class_labels must be None: the transformer is unconditional (num_classes=None)"
+                    f"class_labels must be None: the transformer is unconditional (num_classes="
+                    f"{config.num_classes})"
                 )
             if guidance_scale > 1:
                 raise ValueError("guidance_scale > 1 needs a class-conditional transformer (num_classes set)")

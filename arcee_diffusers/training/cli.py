@@ -109,6 +109,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="A transformer config.json's folder, or a pipeline folder with one under transformer/ (e.g. "
         "hub_configs/arcee-4-b2).",
     )
+    group.add_argument(
+        "--init_from",
+        help="A saved pipeline folder (e.g. a converted ZigMa model) or its transformer/ folder: start from "
+        "its transformer's config and weights. Flags may change what keeps the parameters (e.g. "
+        "--state_chain for Arcee fine-tuning); one that changes them is an error.",
+    )
     group.add_argument("--preset", help="Size preset, e.g. Tiny/2, B/2 (default Tiny/2).")
     for name in ("num_layers", "hidden_size", "patch_size", "d_state", "num_scan_orders"):
         group.add_argument(f"--{name}", type=int)
@@ -229,6 +235,8 @@ def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             )
     if any(step < 1 for step in args.checkpoint_at_steps):
         parser.error(f"--checkpoint_at_steps takes update counts >= 1, got {args.checkpoint_at_steps}")
+    if args.init_from is not None and args.model_config is not None:
+        parser.error("--init_from and --model_config both give the model: pass one")
     if args.push_to_hub and args.hub_model_id is None:
         parser.error("--push_to_hub needs --hub_model_id")
     if args.guidance_scale is None:

@@ -93,8 +93,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
 def build_model(
     args: argparse.Namespace, in_channels: int, sample_size: int, num_classes: int | None
 ) -> ArceeZigmaTransformer:
-    """The transformer of ``--preset`` (or ``--model_config``) with the flags' overrides, sized to the
-    data."""
+    """The transformer of ``--preset`` (or ``--model_config``, or ``--init_from`` with its weights) with the
+    flags' overrides, sized to the data."""
     overrides = {
         key: getattr(args, key)
         for key in (
@@ -113,15 +113,13 @@ def build_model(
         "class_dropout_prob": args.class_dropout_prob if num_classes else 0.0,
     }
     shape = {"sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels}
-    if args.model_config is not None:
-        folder = Path(args.model_config)
-        if (folder / "transformer" / "config.json").is_file():  # a pipeline folder or Hub template
-            folder = folder / "transformer"
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model_config {args.model_config!r} holds no config.json (nor transformer/config.json)"
-            )
-        config = {**ArceeZigmaTransformer.load_config(folder), **overrides, **shape, **labels}
+    saved_model = args.init_from or args.model_config
+    if saved_model is not None:
+        folder = transformer_folder(saved_model, "init_from" if args.init_from else "model_config")
+        saved = ArceeZigmaTransformer.load_config(folder)
+        if not num_classes and not saved.get("num_classes"):  # keep the saved kind of unconditional model
+            labels["num_classes"] = saved.get("num_classes")
+        config = {**saved, **overrides, **shape, **labels}
     else:
         config = preset_config(args.preset, **overrides, **shape, **labels)
     if sample_size % config["patch_size"] != 0:
@@ -129,7 +127,42 @@ def build_model(
             f"resolution: the model input is {sample_size}x{sample_size}, "
             f"not divisible by patch_size {config['patch_size']}"
         )
-    return ArceeZigmaTransformer.from_config(config)
+    model = ArceeZigmaTransformer.from_config(config)
+    if args.init_from is not None:
+        load_initial_weights(model, folder, args.init_from)
+    return model
+
+
+def transformer_folder(path: str, flag: str) -> Path:
+    """The folder of a transformer ``config.json``: ``path`` itself or a pipeline folder's transformer/."""
+    folder = Path(path)
+    if (folder / "transformer" / "config.json").is_file():  # a pipeline folder or Hub template
+        folder = folder / "transformer"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{flag} {path!r} holds no config.json (nor transformer/config.json)")
+    return folder
+
+
+def load_initial_weights(model: ArceeZigmaTransformer, folder: Path, init_from: str) -> None:
+    """Load the saved transformer's weights into ``model``, whose config may differ from the saved one only
+    in ways that keep every parameter's name and shape (the state chain, the scan backend, ...)."""
+    saved = ArceeZigmaTransformer.from_pretrained(folder, torch_dtype=torch.float32).state_dict()
+    expected = model.state_dict()
+    problems = [
+        f"{label}: {', '.join(sorted(keys)[:5])}"
+        for label, keys in (
+            ("missing", expected.keys() - saved.keys()),
+            ("unexpected", saved.keys() - expected.keys()),
+            ("shape", {k for k in expected.keys() & saved.keys() if expected[k].shape != saved[k].shape}),
+        )
+        if keys
+    ]
+    if problems:
+        raise ValueError(
+            f"init_from {init_from!r}: the flags and the data change the saved model's parameters "
+            f"({'; '.join(problems)}); only changes that keep them (e.g. --state_chain) can start from it"
+        )
+    model.load_state_dict(saved)
 
 
 def build_train_dataset(args: argparse.Namespace, accelerator: Accelerator) -> TrainData:

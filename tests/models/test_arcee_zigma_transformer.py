@@ -412,7 +412,7 @@ def test_torch_compile_with_the_scan_as_an_opaque_op():
         ({"num_scan_orders": 3}, "num_scan_orders"),
         ({"scan_pattern": "bidirectional", "num_scan_orders": 2}, "num_scan_orders"),
         ({"scan_pattern": "hilbert"}, "scan_pattern"),
-        ({"num_classes": 0}, "num_classes"),
+        ({"num_classes": -1}, "num_classes"),  # 0 is valid: no label embedding
         ({"class_dropout_prob": 0.1}, "class_dropout_prob"),
         ({"class_dropout_prob": 1.0, "num_classes": 3}, "class_dropout_prob"),
         ({"hidden_size": 30}, "hidden_size"),
@@ -435,3 +435,53 @@ def test_bad_input_shapes():
         model(torch.randn(2, 4, 16, 16), torch.rand(2))
     with pytest.raises(ValueError, match="timestep"):
         model(torch.randn(2, 4, 8, 8), torch.rand(3))
+
+
+ZIGMA_OPTIONS = {
+    "num_classes": 0,
+    "position_embedding": "none",
+    "timestep_scale": 1000.0,
+    "final_norm": True,
+    "head_modulation": False,
+}
+
+
+def test_zigma_options_change_the_parameters_as_documented():
+    default = set(tiny_model().state_dict())
+    zigma = set(tiny_model(**ZIGMA_OPTIONS).state_dict())
+    assert default - zigma == {
+        "pos_embed",
+        "label_embed.embedding_table.weight",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
+    }
+    assert zigma - default == {"norm_out.weight"}
+    learned = tiny_model(position_embedding="learned")
+    assert torch.count_nonzero(learned.pos_embed) == 0  # ZigMa's use_pe 2 starts from zeros
+    x, t = tiny_inputs()
+    assert torch.count_nonzero(tiny_model(**ZIGMA_OPTIONS)(x, t).sample) == 0  # the head is zero-initialised
+    with pytest.raises(
+        ValueError, match=r"class_labels must be None for an unconditional model \(num_classes=0\)"
+    ):
+        tiny_model(**ZIGMA_OPTIONS)(x, t, class_labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="position_embedding must be one of"):
+        tiny_model(position_embedding="rope")
+    with pytest.raises(ValueError, match="timestep_scale must be a positive number"):
+        tiny_model(timestep_scale=0)
+
+
+@torch.no_grad()
+def test_timestep_scale_multiplies_t_and_the_final_norm_normalises_the_stream():
+    scaled = randomize_zero_init(tiny_model(**ZIGMA_OPTIONS))
+    plain = copy.deepcopy(scaled)
+    plain.register_to_config(timestep_scale=1.0)
+    x, t = tiny_inputs()
+    torch.testing.assert_close(scaled(x, t).sample, plain(x, 1000 * t).sample)
+
+    tokens, conditioning = scaled.embed(x, t)
+    last, intermediates = scaled.forward_blocks(tokens, conditioning, return_intermediates=True)
+    residual = tokens.float()  # the stream ZigMa's blocks hand on: the embeddings plus every block's output
+    for output in intermediates[:-1]:
+        residual = residual + output
+    expected = scaled.norm_out(residual + intermediates[-1])
+    torch.testing.assert_close(last, expected)

@@ -60,10 +60,11 @@ def load_timm(name: str, file: str, overlay: dict | None = None, **kwargs) -> to
 
 def test_importing_the_package_registers_the_models():
     assert timm.list_models("arcee_zigma*") == sorted(VARIANTS)
-    for name in VARIANTS:
-        cfg = timm.get_pretrained_cfg(name)
+    for variant in MODEL_VARIANTS:
+        cfg = timm.get_pretrained_cfg(variant.timm_name)
+        size = variant.config.get("sample_size", 32)
         assert (
-            cfg.input_size == (4, 32, 32)
+            cfg.input_size == (4, size, size)
             and cfg.first_conv == "patch_embed.proj"
             and cfg.classifier == "head"
         )
@@ -205,12 +206,21 @@ def test_state_chain_on_and_off_share_keys_but_not_outputs(name):
         assert not torch.allclose(chain.forward_features(x), baseline.forward_features(x), atol=1e-4)
 
 
-# (timm name, timm kwargs, diffusers overrides): Arcee-1, Zigma-4 baseline, ArceeVim, a conditional Arcee-2.
+# the trunk of ZigMa's released models: no position table, the final norm, t x 1000
+ZIGMA_TRUNK = {"position_embedding": "none", "final_norm": True, "timestep_scale": 1000.0}
+ZIGMA_TRUNK["state_chain"] = False
+# (timm name, timm kwargs, diffusers overrides): Arcee-1, Zigma-4 baseline, ArceeVim, a conditional Arcee-2,
+# a ZigMa release-like Zigma-2.
 CONVERSIONS = [
     ("arcee_zigma_tiny_p2_k1", {}, {}),
     ("arcee_zigma_tiny_p2_k4", {"state_chain": False}, {"num_scan_orders": 4, "state_chain": False}),
     ("arcee_zigma_vim_b_p2", {}, {"scan_pattern": "bidirectional"}),
     ("arcee_zigma_tiny_p2_k1", {"num_scan_orders": 2}, {"num_scan_orders": 2, "num_classes": 3}),
+    (
+        "arcee_zigma_tiny_p2_k1",
+        {"num_scan_orders": 2, **ZIGMA_TRUNK},
+        {"num_scan_orders": 2, "num_classes": 0, "head_modulation": False, **ZIGMA_TRUNK},
+    ),
 ]
 
 

@@ -22,7 +22,9 @@ def _without_version(text: str) -> list[str]:
     return [line for line in text.splitlines() if "_diffusers_version" not in line]
 
 
-@pytest.mark.parametrize("variant", ["arcee-1-b2", "zigma-4-b2", "arcee-vim-b2", "arcee-1-tiny"])
+@pytest.mark.parametrize(
+    "variant", ["arcee-1-b2", "zigma-4-b2", "arcee-vim-b2", "arcee-1-tiny", "zigma-8-faceshq1024"]
+)
 def test_committed_template_equals_a_fresh_generation(variant, tmp_path):
     committed = HUB_CONFIGS / variant
     fresh = tmp_path / variant
@@ -41,10 +43,11 @@ def test_template_is_a_hub_layout_of_the_paper_setup(variant):
     folder = HUB_CONFIGS / variant
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_arcee_zigma", "ArceeZigmaPipeline"]
-    assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["flow_path"] == "gvp"
+    flow_path = get_variant(variant).flow_path  # the paper's GVP; linear for ZigMa's released weights
+    assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["flow_path"] == flow_path
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert (scheduler["path"], scheduler["solver"], scheduler["atol"], scheduler["rtol"]) == (
-        "gvp",
+        flow_path,
         "dopri5",
         1e-6,
         1e-3,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from arcee_diffusers.pipelines.pipeline_arcee_zigma import ArceeZigmaPipeline
 from arcee_diffusers.schedulers.scheduling_gvp_flow import FlowMatchGVPScheduler
 from arcee_diffusers.training import checkpointing, latents
-from conftest import write_image_folder
+from conftest import TINY_RUN, write_image_folder
 
 
 def weights(folder, variant=None):
@@ -229,3 +229,67 @@ def test_guidance_without_labels_fails_while_parsing(train_fm, tmp_path, capsys)
         )
     assert "--guidance_scale > 1 needs --class_conditional" in capsys.readouterr().err
     assert train_fm.parse_args(["--output_dir", str(tmp_path)]).guidance_scale == 3.0  # the digits demo
+
+
+def zigma_like_folder(folder):
+    """A saved pipeline whose transformer has the options of ZigMa's released models, at the tiny size."""
+    from arcee_diffusers import ArceeZigmaTransformer
+    from arcee_diffusers.models.variants import ZIGMA_RELEASE
+
+    torch.manual_seed(0)
+    config = {**ZIGMA_RELEASE, "d_state": 4, "position_embedding": "learned", "num_scan_orders": 2}
+    transformer = ArceeZigmaTransformer(
+        sample_size=8, patch_size=2, in_channels=3, out_channels=3, num_layers=2, hidden_size=16, **config
+    )
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    ArceeZigmaPipeline(transformer, FlowMatchGVPScheduler(path="linear")).save_pretrained(folder)
+    return transformer
+
+
+def test_init_from_starts_from_saved_weights_with_the_chain_on(
+    train_fm, run_training, image_folder, tmp_path
+):
+    from arcee_diffusers.training.trainer import build_model
+
+    saved = zigma_like_folder(tmp_path / "zigma")
+    args = train_fm.parse_args(
+        [
+            "--output_dir",
+            str(tmp_path / "o"),
+            *TINY_RUN,
+            "--init_from",
+            str(tmp_path / "zigma"),
+            "--state_chain",
+        ]
+    )
+    model = build_model(args, in_channels=3, sample_size=8, num_classes=None)
+    assert model.config.state_chain and not saved.config.state_chain
+    assert (model.config.num_classes, model.config.timestep_scale, model.config.final_norm) == (
+        0,
+        1000.0,
+        True,
+    )
+    saved_weights = saved.state_dict()
+    assert all(torch.equal(value, saved_weights[key]) for key, value in model.state_dict().items())
+
+    out = tmp_path / "arcee"
+    run_training(
+        out, "--train_data_dir", str(image_folder), "--max_train_steps", "1", "--path", "linear",
+        "--init_from", str(tmp_path / "zigma"), "--state_chain",
+    )  # fmt: skip
+    assert ArceeZigmaPipeline.from_pretrained(out).transformer.config.state_chain
+
+
+def test_init_from_refuses_flags_that_change_the_parameters(train_fm, tmp_path):
+    from arcee_diffusers.training.trainer import build_model
+
+    zigma_like_folder(tmp_path / "zigma")
+    flags = ["--output_dir", str(tmp_path / "o"), *TINY_RUN, "--init_from", str(tmp_path / "zigma")]
+    with pytest.raises(ValueError, match=r"change the saved model's parameters \(missing: blocks.2.adaLN"):
+        build_model(train_fm.parse_args([*flags, "--num_layers", "3"]), 3, 8, None)
+    with pytest.raises(ValueError, match=r"change the saved model's parameters \(missing: label_embed"):
+        build_model(train_fm.parse_args(flags), 3, 8, num_classes=2)
+    with pytest.raises(SystemExit):
+        train_fm.parse_args([*flags, "--model_config", str(tmp_path / "zigma")])

@@ -28,14 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
 from torch import Tensor
 
-from .models import PRESETS, VARIANTS, ArceeZigmaTransformer
-from .models.scan_orders import inverse_permutation, zigzag_paths
-from .models.variants import DEMO_PRESET, LAYOUT_KEYS, SD_VAE_NAME, layout_of
-from .pipelines import ArceeZigmaPipeline
-from .schedulers import PAPER_SOLVER, FlowMatchGVPScheduler
+from ..models import PRESETS, VARIANTS
+from ..models.scan_orders import inverse_permutation, zigzag_paths
+from ..models.variants import DEMO_PRESET, LAYOUT_KEYS, SD_VAE_NAME, layout_of
+from ..pipelines import ArceeZigmaPipeline
+from .core import (
+    ConversionError,
+    Renames,
+    load_vae,
+    map_state_dict,
+    one_line,
+    strip_wrapper_prefixes,
+    write_pipeline,
+)
 
 # published --scan-type -> our scan layout (the variant table's published_scan_type column)
 PUBLISHED_SCAN_TYPES: dict[str, dict[str, Any]] = {
@@ -57,8 +64,7 @@ PUBLISHED_MODELS: dict[str, tuple[int, int, int]] = {
 }
 # the scan-type prefix each model family runs with
 _FAMILY_SCAN_TYPES = {"Arcee": ("Arcee_",), "Zigma": ("Zigma_",), "Vim": ("V2",)}
-# (published prefix, our prefix); every other key has the same name in both
-_RENAMES = (
+_RENAMES: Renames = (
     ("x_embedder.proj.", "patch_embed.proj."),
     ("t_embedder.mlp.", "time_embed.mlp."),
     ("y_embedder.embedding_table.", "label_embed.embedding_table."),
@@ -79,10 +85,6 @@ _SUPPORTED_ARGS = {
     "prediction": ("velocity",),
     "path_type": ("GVP", "Linear"),
 }
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file, the keys or the argument."""
 
 
 def resolve_scan_type(name: str) -> str:
@@ -114,9 +116,8 @@ def load_published_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "plain containers and argparse.Namespace are read (torch.load weights_only=True)"
         ) from None
     except Exception as err:  # zip, EOF and storage errors of a damaged file come in unrelated types
-        reason = " ".join(str(err).split())[:300]
         raise ConversionError(
-            f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {reason}"
+            f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {one_line(err)}"
         ) from None
 
     if not isinstance(checkpoint, dict) or "ema" not in checkpoint:
@@ -243,20 +244,6 @@ def check_published_args(stored: dict[str, Any], scan_type: str, model: str | No
             )
 
 
-def _our_name(key: str) -> str:
-    for published, ours in _RENAMES:
-        if key.startswith(published):
-            return ours + key[len(published) :]
-    return key
-
-
-def _published_name(key: str) -> str:
-    for published, ours in _RENAMES:
-        if key.startswith(ours):
-            return published + key[len(ours) :]
-    return key
-
-
 def _describe_paths(locked: bool, block_orders: int | None) -> str:
     if locked:
         return "one model-level zigzag path (locked_permutation_path: Arcee_1)"
@@ -306,35 +293,9 @@ def convert_state_dict(
     Raises one ``ConversionError`` naming every unmapped key, missing key and shape mismatch (``name`` says
     which of the checkpoint's state dicts it is).
     """
-    state_dict = dict(state_dict)
+    state_dict = strip_wrapper_prefixes(state_dict)
     _pop_scan_paths(state_dict, config)
-    converted = {_our_name(key): value for key, value in state_dict.items()}
-    with torch.device("meta"):  # the expected keys and shapes only
-        expected = ArceeZigmaTransformer.from_config(config).state_dict()
-    unmapped = sorted(_published_name(key) for key in converted.keys() - expected.keys())
-    missing = sorted(_published_name(key) for key in expected.keys() - converted.keys())
-    mismatched = [
-        f"{_published_name(key)} {tuple(converted[key].shape)} (expected {tuple(value.shape)})"
-        for key, value in expected.items()
-        if key in converted and converted[key].shape != value.shape
-    ]
-    problems = [
-        f"{label}: {', '.join(keys)}"
-        for label, keys in (
-            ("unmapped keys", unmapped),
-            ("missing keys", missing),
-            ("shape mismatches", mismatched),
-        )
-        if keys
-    ]
-    if problems:
-        summary = (
-            f"{config['num_layers']} layers, width {config['hidden_size']}, patch {config['patch_size']}, "
-            f"d_state {config['d_state']}, {config['scan_pattern']}"
-        )
-        raise ConversionError(
-            f"state dict {name!r} does not match the model ({summary}): " + "; ".join(problems)
-        )
+    converted = map_state_dict(state_dict, config, _RENAMES, name)
     for key in _HEAD_MODULATION:
         scale, shift = converted[key].chunk(2, dim=0)
         converted[key] = torch.cat([shift, scale], dim=0)
@@ -360,7 +321,7 @@ def convert_checkpoint(
     contents = load_published_checkpoint(checkpoint)
     stored = training_args(contents)
     check_published_args(stored, scan_type, model)
-    config = infer_config(contents["ema"], scan_type, model)
+    config = infer_config(strip_wrapper_prefixes(contents["ema"]), scan_type, model)
     weights = {
         name: convert_state_dict(contents[name], config, name)
         for name in ("ema", "model")
@@ -373,26 +334,5 @@ def convert_checkpoint(
             f"path {path!r}, but the checkpoint was trained with --path-type {stored['path_type']}"
         )
     path = path or trained_path or "gvp"
-    if vae is not None:
-        try:
-            vae = AutoencoderKL.from_pretrained(vae)
-        except (OSError, ValueError) as err:
-            raise ConversionError(
-                f"cannot load vae {str(vae)!r}: {' '.join(str(err).split())[:300]}"
-            ) from None
-        if vae.config.latent_channels != config["in_channels"]:
-            raise ConversionError(
-                f"vae has {vae.config.latent_channels} latent channels; "
-                f"the model takes {config['in_channels']}"
-            )
-
-    transformer = ArceeZigmaTransformer.from_config(config)
-    transformer.load_state_dict(weights["ema"])
-    scheduler = FlowMatchGVPScheduler(path=path, **PAPER_SOLVER)
-    pipeline = ArceeZigmaPipeline(transformer, scheduler, vae=vae)
-    pipeline.save_pretrained(output_dir)
-    if "model" in weights:
-        raw = ArceeZigmaTransformer.from_config(config)
-        raw.load_state_dict(weights["model"])
-        raw.save_pretrained(Path(output_dir) / "transformer", variant="raw")
-    return pipeline
+    raw = {"raw": weights["model"]} if "model" in weights else {}
+    return write_pipeline(output_dir, config, weights["ema"], path, load_vae(vae, config["in_channels"]), raw)
