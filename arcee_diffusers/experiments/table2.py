@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import shutil
@@ -28,13 +29,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..training import cli
 from . import cell, report
-from .rows import ROWS, TIER_GRIDS, row_settings
+from .rows import PAIRS, ROWS, TIER_GRIDS, row_settings
 
 # the grid's own defaults on top of the small recipe (cli.SMALL_RECIPE); flags given on the command line win
 GRID_DEFAULTS = {"num_layers": 8, "checkpointing_steps": 500}
@@ -215,35 +217,50 @@ def cell_args(grid_args: argparse.Namespace, row: str, seed: int) -> argparse.Na
 
 
 def run_grid(args: argparse.Namespace) -> dict:
-    """Run every unfinished cell of ``args.rows`` × ``args.seeds``, then write the report of every finished
-    cell in the folder (so two invocations with disjoint ``--rows`` share one report); returns it."""
+    """Run every unfinished cell of ``args.rows`` × ``args.seeds`` in ``cell_order``, writing the report of
+    every finished cell in the folder after each cell and at the end (so two invocations with disjoint
+    ``--rows`` share one report, and a stopped grid leaves the report of what it finished); returns it."""
     output_dir = Path(args.output_dir)
     check_grid_folder(output_dir, args)
     if args.from_results is not None:
         import_finished_cells(args.from_results, output_dir, args)
-    # seed by seed, rows in table order: pair partners run side by side under --jobs 2, and a grid stopped
-    # half-way leaves whole pairs
-    cells = [(row, seed) for seed in args.seeds for row in sorted(args.rows, key=ROWS.index)]
+    cells = cell_order(args.rows, args.seeds)
     todo = [(row, seed) for row, seed in cells if not cell.is_finished(cell.cell_dir(output_dir, row, seed))]
     progress = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells")
+    write_report = functools.partial(report.write_report, output_dir, configuration(args))
     failures = []
     if args.jobs == 1:
         for row, seed in todo:
             progress.set_postfix_str(f"{row} seed {seed}")
             cell.run_cell(cell_args(args, row, seed))
             progress.update(1)
+            write_report()
     else:
-        failures = run_in_processes(args, todo, progress)
+        failures = run_in_processes(args, todo, progress, write_report)
     progress.close()
-    results = report.write_report(output_dir, configuration(args))
+    results = write_report()
     if failures:
         raise CellsFailed("; ".join(failures) + " (rerun the same command to resume)")
     return results
 
 
-def run_in_processes(args: argparse.Namespace, todo: list[tuple[str, int]], progress: tqdm) -> list[str]:
+def cell_order(rows: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """Pair by pair in table order, each pair seed by seed with its two rows next to each other: under
+    ``--jobs 2`` partners train side by side (on the same load, so their seconds per step compare), and a
+    grid stopped half-way leaves the first pairs whole."""
+    pairs = [[row for row in pair if row in rows] for pair in PAIRS]
+    return [(row, seed) for pair in pairs for seed in seeds for row in pair]
+
+
+def run_in_processes(
+    args: argparse.Namespace,
+    todo: list[tuple[str, int]],
+    progress: tqdm,
+    on_cell_finished: Callable[[], object],
+) -> list[str]:
     """``args.jobs`` cells at a time, each in a ``python -m arcee_diffusers.experiments.cell`` process with
-    one thread and its output in ``<cell>/log.txt``; a bar per running cell follows its training log."""
+    one thread and its output in ``<cell>/log.txt``; a bar per running cell follows its training log;
+    ``on_cell_finished`` runs after each cell that ends well."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     pending, running, failures = list(todo), {}, []
     # Python takes signal handlers in the main thread only; a grid run from another thread keeps the default
@@ -266,10 +283,12 @@ def run_in_processes(args: argparse.Namespace, todo: list[tuple[str, int]], prog
                     continue
                 bar.close()
                 del running[process]
+                progress.update(1)
                 if process.returncode != 0:
                     log = folder / "log.txt"
                     failures.append(f"cell {row} seed {seed} failed (exit {process.returncode}; see {log})")
-                progress.update(1)
+                else:
+                    on_cell_finished()
     finally:
         # interrupted (Ctrl-C, or SIGTERM from a scheduler): stop the cells too, so that a rerun never
         # trains a cell twice at once

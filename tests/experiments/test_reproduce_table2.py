@@ -168,11 +168,17 @@ def test_grid_carries_on_from_another_folders_results(two_row_grid, tmp_path, mo
         table2.import_finished_cells(tmp_path / "missing.json", tmp_path / "other", args)
 
 
-def test_cells_run_seed_by_seed_with_pair_partners_together(tmp_path, monkeypatch):
+def test_cells_run_pair_by_pair_with_partners_together_and_report_after_each(tmp_path, monkeypatch):
     ran = []
-    monkeypatch.setattr(cell, "run_cell", lambda args: ran.append((args.row, args.seed)))
-    run_grid(tmp_path, "--rows", "arcee-1", "vim", "zigma-1", "--seeds", "0", "1")
-    assert ran == [("zigma-1", 0), ("arcee-1", 0), ("vim", 0), ("zigma-1", 1), ("arcee-1", 1), ("vim", 1)]
+    reported = tmp_path / "results.md"
+    monkeypatch.setattr(cell, "run_cell", lambda args: ran.append((args.row, args.seed, reported.is_file())))
+    run_grid(tmp_path, "--rows", "arcee-vim", "arcee-1", "vim", "zigma-1", "--seeds", "0", "1")
+    assert [(row, seed) for row, seed, _ in ran] == [
+        ("zigma-1", 0), ("arcee-1", 0), ("zigma-1", 1), ("arcee-1", 1),
+        ("vim", 0), ("arcee-vim", 0), ("vim", 1), ("arcee-vim", 1),
+    ]  # fmt: skip
+    assert [report_before for *_, report_before in ran] == [False] + [True] * 7
+    assert table2.cell_order(["vim", "zigma-1"], [2]) == [("zigma-1", 2), ("vim", 2)]
 
 
 def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
@@ -362,7 +368,9 @@ def test_cells_in_processes_run_from_another_thread(tmp_path):
     args = parse(tmp_path, "--jobs", "2")
     returned = []
     progress = tqdm(disable=True)
-    thread = threading.Thread(target=lambda: returned.append(table2.run_in_processes(args, [], progress)))
+    thread = threading.Thread(
+        target=lambda: returned.append(table2.run_in_processes(args, [], progress, print))
+    )
     thread.start()
     thread.join()
     assert returned == [[]]  # no failures, and no exception in the thread
