@@ -40,6 +40,7 @@ from .core import (
     load_vae,
     map_state_dict,
     one_line,
+    read_training_checkpoint,
     strip_wrapper_prefixes,
     write_pipeline,
 )
@@ -102,37 +103,23 @@ def load_published_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     stored ``args``, a bag of attributes) is the one class added. Returns the dict, with ``ema`` (and
     ``model``, when present) checked to be state dicts.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        culprit = found.group(1) if found else " ".join(str(err).split())[:200]
-        raise ConversionError(
-            f"checkpoint {str(path)!r} needs pickled code to load ({culprit}); refusing it: only tensors, "
-            "plain containers and argparse.Namespace are read (torch.load weights_only=True)"
-        ) from None
-    except Exception as err:  # zip, EOF and storage errors of a damaged file come in unrelated types
-        raise ConversionError(
-            f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {one_line(err)}"
-        ) from None
+    return read_training_checkpoint(
+        path, _load_weights_only, _weights_only_refusal, "argparse.Namespace", "the published train.py"
+    )
 
-    if not isinstance(checkpoint, dict) or "ema" not in checkpoint:
-        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ConversionError(
-            f"checkpoint {str(path)!r} is not one of the published train.py: expected a dict with 'ema' "
-            f"(and 'model') state dicts, found {found}"
-        )
-    for name in ("ema", "model"):
-        weights = checkpoint.get(name)
-        if name in checkpoint and not (
-            isinstance(weights, dict) and all(isinstance(v, Tensor) for v in weights.values())
-        ):
-            raise ConversionError(f"checkpoint {str(path)!r}: {name!r} is not a state dict of tensors")
-    return checkpoint
+
+def _load_weights_only(path: Path) -> Any:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _weights_only_refusal(error: Exception) -> str | None:
+    """What ``torch.load(weights_only=True)`` refused (the global it names), None for any other error, such
+    as the ``UnpicklingError`` of a truncated file."""
+    if not isinstance(error, pickle.UnpicklingError) or "Weights only load failed" not in str(error):
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else one_line(error, 200)
 
 
 def infer_config(state_dict: dict[str, Tensor], scan_type: str, model: str | None = None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ against the target model's keys and shapes), the VAE and the pipeline folder it 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,52 @@ class ConversionError(ValueError):
 
 def one_line(error: BaseException, limit: int = 300) -> str:
     return " ".join(str(error).split())[:limit]
+
+
+def read_training_checkpoint(
+    path: str | os.PathLike,
+    load: Callable[[Path], Any],
+    refused_global: Callable[[Exception], str | None],
+    admitted: str,
+    made_by: str,
+) -> dict[str, Any]:
+    """A training script's checkpoint, read by ``load`` without running pickled code: a dict whose ``ema``
+    (and ``model``, when present) are state dicts of tensors.
+
+    ``refused_global(error)`` names the global a refused file needed (None: the file is damaged); the errors
+    are one line each, naming the file and what ``admitted`` (besides tensors and plain containers) and
+    ``made_by`` (the script that writes such files).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = load(path)
+    except Exception as err:  # zip, EOF and storage errors of a damaged file come in unrelated types
+        culprit = refused_global(err)
+        if culprit is not None:
+            raise ConversionError(
+                f"checkpoint {str(path)!r} needs pickled code to load ({culprit}); refusing it: only "
+                f"tensors, plain containers and {admitted} are read"
+            ) from None
+        raise ConversionError(
+            f"cannot read checkpoint {str(path)!r} (truncated or damaged?): {type(err).__name__}: "
+            f"{one_line(err)}"
+        ) from None
+
+    if not isinstance(checkpoint, dict) or "ema" not in checkpoint:
+        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ConversionError(
+            f"checkpoint {str(path)!r} is not one of {made_by}: expected a dict with 'ema' (and 'model') "
+            f"state dicts, found {found}"
+        )
+    for name in ("ema", "model"):
+        weights = checkpoint.get(name)
+        if name in checkpoint and not (
+            isinstance(weights, dict) and all(isinstance(v, Tensor) for v in weights.values())
+        ):
+            raise ConversionError(f"checkpoint {str(path)!r}: {name!r} is not a state dict of tensors")
+    return checkpoint
 
 
 def strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -36,7 +36,7 @@ from .core import (
     Renames,
     load_vae,
     map_state_dict,
-    one_line,
+    read_training_checkpoint,
     strip_wrapper_prefixes,
     write_pipeline,
 )
@@ -125,6 +125,14 @@ def _restricted_pickle_module() -> types.ModuleType:
     return module
 
 
+def _load_restricted(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", pickle_module=_restricted_pickle_module(), weights_only=False)
+
+
+def _restricted_refusal(error: Exception) -> str | None:
+    return str(error) if isinstance(error, _RefusedGlobal) else None
+
+
 def plain_args(value: Any) -> Any:
     """A stored ``args`` (stand-ins of a ``DictConfig``) as plain dicts, lists and values."""
     if isinstance(value, _DictConfig):
@@ -145,37 +153,12 @@ def load_zigma_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Returns the dict with ``args`` as plain dicts (see ``plain_args``) and ``ema`` (and ``model`` when there)
     checked to be state dicts of tensors, their wrapper prefixes (``module.``, ``_orig_mod.``) removed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(
-            path, map_location="cpu", pickle_module=_restricted_pickle_module(), weights_only=False
-        )
-    except _RefusedGlobal as err:
-        raise ConversionError(
-            f"checkpoint {str(path)!r} needs pickled code to load ({err}); refusing it: only tensors, "
-            "plain containers and a pickled OmegaConf DictConfig are read"
-        ) from None
-    except Exception as err:  # zip, EOF and storage errors of a damaged file come in unrelated types
-        raise ConversionError(
-            f"cannot read checkpoint {str(path)!r} (truncated or damaged?): {type(err).__name__}: "
-            f"{one_line(err)}"
-        ) from None
-
-    if not isinstance(checkpoint, dict) or "ema" not in checkpoint:
-        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ConversionError(
-            f"checkpoint {str(path)!r} is not one of ZigMa's train_acc.py: expected a dict with 'ema' (and "
-            f"'model') state dicts and 'args', found {found}"
-        )
+    checkpoint = read_training_checkpoint(
+        path, _load_restricted, _restricted_refusal, "a pickled OmegaConf DictConfig", "ZigMa's train_acc.py"
+    )
     for name in ("ema", "model"):
-        if name not in checkpoint:
-            continue
-        weights = checkpoint[name]
-        if not (isinstance(weights, dict) and all(isinstance(v, Tensor) for v in weights.values())):
-            raise ConversionError(f"checkpoint {str(path)!r}: {name!r} is not a state dict of tensors")
-        checkpoint[name] = strip_wrapper_prefixes(weights)
+        if name in checkpoint:
+            checkpoint[name] = strip_wrapper_prefixes(checkpoint[name])
     checkpoint["args"] = plain_args(checkpoint.get("args"))
     return checkpoint
 
