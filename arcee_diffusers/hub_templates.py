@@ -10,10 +10,10 @@ import torch
 from diffusers import AutoencoderKL
 
 from .models import VARIANTS, ArceeZigmaTransformer
-from .models.variants import SD_VAE_CONFIG, SD_VAE_NAME, VARIANTS_BY_NAME
+from .models.variants import SD_VAE_CONFIG, SD_VAE_NAME, VARIANTS_BY_NAME, ZIGMA_PAPER
 from .pipelines import ArceeZigmaPipeline
 from .pipelines.folder_layout import write_reexport_layout
-from .pipelines.model_card import model_card
+from .pipelines.model_card import ARCEE_PAPER, model_card
 from .schedulers import PAPER_SOLVER, FlowMatchGVPScheduler
 
 
@@ -56,14 +56,20 @@ def write_repo_template(folder: str | os.PathLike, repo_id: str) -> list[Path]:
         written.append(folder / "vae" / "config.json")
     write_reexport_layout(folder)
     written += sorted(folder.glob("*.py")) + sorted(folder.glob("*/*.py"))
-    source = None
+    source, paper = None, ARCEE_PAPER
     if variant is not None and variant.zigma_checkpoint:
+        paper = ZIGMA_PAPER
         source = (
             f"Weights: `{variant.zigma_checkpoint}` of ZigMa's release (Hub repo `taohu/zigma`, Apache-2.0), "
             "converted with `scripts/convert_zigma_checkpoint.py`."
         )
     card = model_card(
-        pipe, repo_id, vae_name=SD_VAE_NAME if vae is not None else None, tags=["template"], source=source
+        pipe,
+        repo_id,
+        vae_name=SD_VAE_NAME if vae is not None else None,
+        tags=["template"],
+        source=source,
+        paper=paper,
     )
     card.save(folder / "README.md")
     written.append(folder / "README.md")

@@ -28,7 +28,7 @@ import torch
 from huggingface_hub import ModelCard
 from torch import Tensor
 
-from ..models.variants import SD_VAE_NAME, ZIGMA_HUB_REPO, ZIGMA_RELEASE
+from ..models.variants import SD_VAE_NAME, ZIGMA_HUB_REPO, ZIGMA_PAPER, ZIGMA_RELEASE
 from ..pipelines import ArceeZigmaPipeline
 from ..pipelines.model_card import model_card
 from .core import (
@@ -287,6 +287,7 @@ def zigma_model_card(pipeline: ArceeZigmaPipeline, source_file: str, legacy_unpe
         tags=["zigma", "converted"],
         vae_name=SD_VAE_NAME,
         source=source,
+        paper=ZIGMA_PAPER,
     )
 
 

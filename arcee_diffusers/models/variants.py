@@ -64,6 +64,7 @@ ZIGMA_RELEASE: dict[str, Any] = {
     "state_chain": False,
 }
 ZIGMA_HUB_REPO = "taohu/zigma"
+ZIGMA_PAPER = ("ZigMa", "https://arxiv.org/abs/2403.13802")  # the paper of those weights (name, link)
 # the config keys that make a scan layout (the rest is size)
 LAYOUT_KEYS = ("scan_pattern", "num_scan_orders", "state_chain")
 

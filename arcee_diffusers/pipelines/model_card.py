@@ -15,6 +15,7 @@ from ..models.variants import PRESETS, display_name
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 PAPER_URL = "https://arxiv.org/abs/2511.11243"
+ARCEE_PAPER = ("Arcee", PAPER_URL)  # the paper a card names (name, link) unless told another
 PIPELINE_TAG = "unconditional-image-generation"
 # training arguments shown in the card's recipe table, in this order (others go to the JSON block)
 RECIPE_KEYS = (
@@ -165,6 +166,7 @@ def model_card(
     variant: str | None = None,
     vae_name: str | None = None,
     source: str | None = None,
+    paper: tuple[str, str] = ARCEE_PAPER,
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` for `pipe`, generated from its config and the run that made it.
 
@@ -181,6 +183,7 @@ def model_card(
         variant: the weights' variant name (e.g. `"ema"`), used in the usage snippet.
         vae_name: the VAE's Hub id; default its `_name_or_path` when that is not a local folder.
         source: where the weights come from (Markdown), for weights converted from other code.
+        paper: the (name, link) of the paper the model is from: Arcee's, or ZigMa's for its released weights.
 
     The `pipeline_tag` is `unconditional-image-generation` for class-conditional models too: the Hub has no
     class-conditional task, and these models take no text or image input (a `class-conditional` tag marks
@@ -253,7 +256,7 @@ def model_card(
         f"{'A class-conditional' if conditional else 'An unconditional'} flow-matching image generator with "
         "the "
         f"{variant_name} backbone: Mamba blocks whose selective scans {scans}, from the paper "
-        f"[Arcee]({PAPER_URL})."
+        f"[{paper[0]}]({paper[1]})."
     )
     return ModelCard.from_template(
         card_data,

@@ -299,6 +299,7 @@ def test_converted_folder_samples_end_to_end(tmp_path, omegaconf_lookalike):
     card = (out / "README.md").read_text()
     for text in ("churches_tiny.pt", "taohu/zigma", "Björn Ommer", "license: apache-2.0", "dopri5"):
         assert text in card, text
+    assert "from the paper [ZigMa](https://arxiv.org/abs/2403.13802)" in card and "paper [Arcee]" not in card
     assert json.loads((out / "model_index.json").read_text())["flow_path"] == "linear"
     check_plain_diffusers_load(out, batch_size=1)  # the folder's own sampler: dopri5
 
