@@ -28,7 +28,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from .models.embeddings import PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+from .models.embeddings import PatchEmbed, TimestepEmbedder, init_position_table, position_table
 from .models.mamba_blocks import build_mamba_blocks, init_mamba_blocks, run_mamba_blocks
 from .models.scan_orders import validate_scan_config
 from .models.variants import VARIANTS, Variant, layout_of
@@ -166,8 +166,7 @@ class ArceeZigma(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        has_table = position_embedding != "none"
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, embed_dim)) if has_table else None
+        self.pos_embed = position_table(position_embedding, self.grid_size, embed_dim)
         # Replaces the generator's t_emb(t) + y_emb(y); see `checkpoint_filter_fn` for its converted value.
         self.conditioning = nn.Parameter(torch.zeros(1, embed_dim))
 
@@ -194,10 +193,7 @@ class ArceeZigma(nn.Module):
             if bias is not None and not getattr(bias, "_no_reinit", False):
                 nn.init.zeros_(bias)
         init_mamba_blocks(self.blocks)
-        if self.position_embedding == "sincos":
-            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.embed_dim, self.grid_size).unsqueeze(0))
-        elif self.pos_embed is not None:
-            nn.init.zeros_(self.pos_embed)
+        init_position_table(self.pos_embed, self.position_embedding, self.grid_size)
         self.patch_embed.reset_parameters()
         nn.init.normal_(self.conditioning, std=0.02)
 

@@ -10,7 +10,14 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+from .embeddings import (
+    POSITION_EMBEDDINGS,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    init_position_table,
+    position_table,
+)
 from .mamba_blocks import (
     BACKWARD_DT_INITS,
     AdaLNHead,
@@ -21,8 +28,6 @@ from .mamba_blocks import (
 )
 from .scan_orders import validate_scan_config
 from .variants import get_variant, preset_config
-
-POSITION_EMBEDDINGS = ("sincos", "learned", "none")
 
 
 class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
@@ -115,8 +120,7 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
         grid_size = sample_size // patch_size
 
         self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
-        has_table = position_embedding != "none"
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size**2, hidden_size)) if has_table else None
+        self.pos_embed = position_table(position_embedding, grid_size, hidden_size)
         self.time_embed = TimestepEmbedder(hidden_size)
         has_labels = num_classes != 0
         self.label_embed = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if has_labels else None
@@ -184,10 +188,7 @@ class ArceeZigmaTransformer(ModelMixin, ConfigMixin):
         init_mamba_blocks(self.blocks)
 
         grid_size = self.config.sample_size // self.config.patch_size
-        if self.config.position_embedding == "sincos":
-            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.config.hidden_size, grid_size).unsqueeze(0))
-        elif self.pos_embed is not None:
-            nn.init.zeros_(self.pos_embed)
+        init_position_table(self.pos_embed, self.config.position_embedding, grid_size)
         self.patch_embed.reset_parameters()
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)

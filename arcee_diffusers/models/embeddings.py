@@ -30,6 +30,28 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, base: float = 1000.0
     return torch.cat([column_embed, row_embed], dim=1).float()
 
 
+# the position tables a model can add to its patch tokens: 2-D sin-cos initialised, zero initialised (both
+# learnable), or none
+POSITION_EMBEDDINGS = ("sincos", "learned", "none")
+
+
+def position_table(kind: str, grid_size: int, hidden_size: int) -> nn.Parameter | None:
+    """The ``(1, grid_size**2, hidden_size)`` position table of ``kind`` (see ``POSITION_EMBEDDINGS``), still
+    to be filled by ``init_position_table``; None for ``"none"``."""
+    return None if kind == "none" else nn.Parameter(torch.zeros(1, grid_size**2, hidden_size))
+
+
+@torch.no_grad()
+def init_position_table(table: nn.Parameter | None, kind: str, grid_size: int) -> None:
+    """Fill ``table``: 2-D sin-cos for ``"sincos"``, zeros for ``"learned"`` (ZigMa's ``use_pe: 2``)."""
+    if table is None:
+        return
+    if kind == "sincos":
+        table.copy_(get_2d_sincos_pos_embed(table.shape[-1], grid_size).unsqueeze(0))
+    else:
+        nn.init.zeros_(table)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches to tokens: ``(B, C, H, W) -> (B, H/p * W/p, hidden_size)``, row-major."""
 
