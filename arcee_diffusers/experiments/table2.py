@@ -59,7 +59,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """``train_fm.py``'s options (passed on to every cell) plus the grid's."""
     parser = cli.build_parser(description)
     group = parser.add_argument_group("grid")
-    group.add_argument("--rows", nargs="+", default=list(ROWS), help="Rows to run (default: all ten).")
+    group.add_argument(
+        "--rows",
+        nargs="+",
+        default=list(ROWS),
+        help="Rows to run; their pairs run in the order first named (default: all ten, in table order).",
+    )
     group.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     group.add_argument(
         "--tier", choices=list(TIER_GRIDS), default="64", help="Tokens per image: 64 (8x8) or 256 (16x16)."
@@ -245,11 +250,13 @@ def run_grid(args: argparse.Namespace) -> dict:
 
 
 def cell_order(rows: list[str], seeds: list[int]) -> list[tuple[str, int]]:
-    """Pair by pair in table order, each pair seed by seed with its two rows next to each other: under
-    ``--jobs 2`` partners train side by side (on the same load, so their seconds per step compare), and a
-    grid stopped half-way leaves the first pairs whole."""
-    pairs = [[row for row in pair if row in rows] for pair in PAIRS]
-    return [(row, seed) for pair in pairs for seed in seeds for row in pair]
+    """Pair by pair in the order ``rows`` first names them (the default ``--rows`` is the table's order),
+    each pair seed by seed with its two rows next to each other: under ``--jobs 2`` partners train side by
+    side (on the same load, so their seconds per step compare), and a grid stopped half-way leaves the
+    first pairs whole."""
+    pair_of = {row: pair for pair in PAIRS for row in pair}
+    pairs = dict.fromkeys(pair_of[row] for row in rows)
+    return [(row, seed) for pair in pairs for seed in seeds for row in pair if row in rows]
 
 
 def run_in_processes(

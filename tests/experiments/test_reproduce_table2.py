@@ -174,11 +174,13 @@ def test_cells_run_pair_by_pair_with_partners_together_and_report_after_each(tmp
     monkeypatch.setattr(cell, "run_cell", lambda args: ran.append((args.row, args.seed, reported.is_file())))
     run_grid(tmp_path, "--rows", "arcee-vim", "arcee-1", "vim", "zigma-1", "--seeds", "0", "1")
     assert [(row, seed) for row, seed, _ in ran] == [
-        ("zigma-1", 0), ("arcee-1", 0), ("zigma-1", 1), ("arcee-1", 1),
         ("vim", 0), ("arcee-vim", 0), ("vim", 1), ("arcee-vim", 1),
+        ("zigma-1", 0), ("arcee-1", 0), ("zigma-1", 1), ("arcee-1", 1),
     ]  # fmt: skip
     assert [report_before for *_, report_before in ran] == [False] + [True] * 7
-    assert table2.cell_order(["vim", "zigma-1"], [2]) == [("zigma-1", 2), ("vim", 2)]
+    assert table2.cell_order(["zigma-1", "vim"], [2]) == [("zigma-1", 2), ("vim", 2)]
+    assert table2.cell_order(["vim", "zigma-1"], [2]) == [("vim", 2), ("zigma-1", 2)]
+    assert table2.cell_order(list(rows.ROWS), [0])[:4] == [(row, 0) for row in rows.ROWS[:4]]
 
 
 def test_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
