@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 
 from arcee_diffusers.command_line import user_errors_exit
-from arcee_diffusers.conversion import PUBLISHED_SCAN_TYPES, convert_checkpoint
-from arcee_diffusers.models.variants import SD_VAE_NAME
+from arcee_diffusers.conversion import PUBLISHED_SCAN_TYPES, add_vae_argument, convert_checkpoint
 from arcee_diffusers.schedulers.flow_paths import PATHS
 
 
@@ -32,11 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", help="The published --model, e.g. Arcee-B/2, checked against the tensors (optional)."
     )
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument(
-        "--vae",
-        default=SD_VAE_NAME,
-        help=f'AutoencoderKL folder or repo id to include (default {SD_VAE_NAME}); "none" for no VAE.',
-    )
+    add_vae_argument(parser)
     parser.add_argument(
         "--path", choices=sorted(PATHS), help="Flow path (default: the checkpoint's, else gvp)."
     )
@@ -44,9 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    vae = None if args.vae.lower() == "none" else args.vae
     pipeline = convert_checkpoint(
-        args.checkpoint, args.output_dir, args.scan_type, args.model, vae, args.path
+        args.checkpoint, args.output_dir, args.scan_type, args.model, args.vae, args.path
     )
     config = pipeline.transformer.config
     print(

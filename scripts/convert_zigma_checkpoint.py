@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 
 from arcee_diffusers.command_line import user_errors_exit
-from arcee_diffusers.conversion import convert_zigma_checkpoint
-from arcee_diffusers.models.variants import SD_VAE_NAME
+from arcee_diffusers.conversion import add_vae_argument, convert_zigma_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,11 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="ema",
         help="Which weights become the transformer (default ema); the other is kept as a variant.",
     )
-    parser.add_argument(
-        "--vae",
-        default=SD_VAE_NAME,
-        help=f'AutoencoderKL folder or repo id to include (default {SD_VAE_NAME}); "none" for no VAE.',
-    )
+    add_vae_argument(parser)
     parser.add_argument(
         "--legacy_unpermute",
         action="store_true",
@@ -44,9 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    vae = None if args.vae.lower() == "none" else args.vae
     pipeline = convert_zigma_checkpoint(
-        args.checkpoint, args.output_dir, args.weights, vae, args.legacy_unpermute
+        args.checkpoint, args.output_dir, args.weights, args.vae, args.legacy_unpermute
     )
     config = pipeline.transformer.config
     print(

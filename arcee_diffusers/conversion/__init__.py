@@ -12,7 +12,7 @@ from .arcee import (
     resolve_scan_type,
     training_args,
 )
-from .core import ConversionError
+from .core import ConversionError, add_vae_argument
 from .zigma import (
     convert_zigma_checkpoint,
     convert_zigma_state_dict,
@@ -24,6 +24,7 @@ __all__ = [
     "PUBLISHED_MODELS",
     "PUBLISHED_SCAN_TYPES",
     "ConversionError",
+    "add_vae_argument",
     "check_published_args",
     "convert_checkpoint",
     "convert_state_dict",

@@ -3,6 +3,7 @@ against the target model's keys and shapes), the VAE and the pipeline folder it 
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from diffusers import AutoencoderKL
 from torch import Tensor
 
 from ..models import ArceeZigmaTransformer
+from ..models.variants import SD_VAE_NAME
 from ..pipelines import ArceeZigmaPipeline
 from ..schedulers import PAPER_SOLVER, FlowMatchGVPScheduler
 
@@ -24,6 +26,16 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names the file, the keys or the argument."""
+
+
+def add_vae_argument(parser: argparse.ArgumentParser) -> None:
+    """The converters' ``--vae``: a folder or repo id (default sd-vae-ft-ema), or ``none`` (read as None)."""
+    parser.add_argument(
+        "--vae",
+        default=SD_VAE_NAME,
+        type=lambda value: None if value.lower() == "none" else value,
+        help=f'AutoencoderKL folder or repo id to include (default {SD_VAE_NAME}); "none" for no VAE.',
+    )
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

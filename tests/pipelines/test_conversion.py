@@ -15,8 +15,9 @@ import torch
 from tiny_pipelines import check_plain_diffusers_load
 
 from arcee_diffusers import ArceeZigmaPipeline, ArceeZigmaTransformer, FlowMatchGVPScheduler
-from arcee_diffusers.conversion import ConversionError, convert_checkpoint
+from arcee_diffusers.conversion import ConversionError, add_vae_argument, convert_checkpoint
 from arcee_diffusers.models.scan_orders import inverse_permutation, zigzag_paths
+from arcee_diffusers.models.variants import SD_VAE_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "convert_official_checkpoint.py"
@@ -207,6 +208,16 @@ def test_script_converts_and_checks_the_model_name(tmp_path):
         script.main(script.parse_args([*common, "--output_dir", str(tmp_path / "a"), "--model", "Arcee-B/2"]))
     script.main(script.parse_args([*common, "--output_dir", str(tmp_path / "b")]))
     assert ArceeZigmaPipeline.from_pretrained(tmp_path / "b").transformer.config.num_scan_orders == 4
+
+
+VAE_OPTIONS = [([], SD_VAE_NAME), (["--vae", "None"], None), (["--vae", "vae/"], "vae/")]
+
+
+@pytest.mark.parametrize(("argv", "vae"), VAE_OPTIONS)
+def test_the_converters_vae_option(argv, vae):
+    parser = argparse.ArgumentParser()
+    add_vae_argument(parser)
+    assert parser.parse_args(argv).vae == vae
 
 
 class RunsCode:
