@@ -5,7 +5,8 @@ plain diffusers load, computing exactly what ZigMa's own model computes.
     python scripts/convert_zigma_checkpoint.py --checkpoint churches256_0280000.pt \\
         --output_dir zigma-8-churches256
 
-No pickled code runs (a restricted unpickler reads the stored OmegaConf config); see docs/model.md.
+No pickled code runs (a weights-only load, with inert stand-ins for the stored OmegaConf config); see
+docs/model.md.
 """
 
 from __future__ import annotations

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +37,6 @@ from .core import (
     Renames,
     load_vae,
     map_state_dict,
-    one_line,
     read_training_checkpoint,
     strip_wrapper_prefixes,
     write_pipeline,
@@ -104,22 +101,8 @@ def load_published_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ``model``, when present) checked to be state dicts.
     """
     return read_training_checkpoint(
-        path, _load_weights_only, _weights_only_refusal, "argparse.Namespace", "the published train.py"
+        path, [argparse.Namespace], "argparse.Namespace", "the published train.py"
     )
-
-
-def _load_weights_only(path: Path) -> Any:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _weights_only_refusal(error: Exception) -> str | None:
-    """What ``torch.load(weights_only=True)`` refused (the global it names), None for any other error, such
-    as the ``UnpicklingError`` of a truncated file."""
-    if not isinstance(error, pickle.UnpicklingError) or "Weights only load failed" not in str(error):
-        return None
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return found.group(1) if found else one_line(error, 200)
 
 
 def infer_config(state_dict: dict[str, Tensor], scan_type: str, model: str | None = None) -> dict[str, Any]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from ..schedulers import PAPER_SOLVER, FlowMatchGVPScheduler
 
 # (their prefix, our prefix) pairs; every other key has the same name in both
 Renames = tuple[tuple[str, str], ...]
+# globals a weights-only load admits besides torch's own: objects, or (object, "module.name") pairs
+SafeGlobals = list[Any]
 # wrappers' prefixes in front of every key: DistributedDataParallel / Accelerate, torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -42,27 +45,31 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return " ".join(str(error).split())[:limit]
 
 
+def _refused_global(error: Exception) -> str | None:
+    """The global that ``torch.load(weights_only=True)`` refused, None for any other error, such as the
+    ``UnpicklingError`` of a truncated or foreign file."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
+    return found.group(1) if found else None
+
+
 def read_training_checkpoint(
-    path: str | os.PathLike,
-    load: Callable[[Path], Any],
-    refused_global: Callable[[Exception], str | None],
-    admitted: str,
-    made_by: str,
+    path: str | os.PathLike, safe_globals: SafeGlobals, admitted: str, made_by: str
 ) -> dict[str, Any]:
-    """A training script's checkpoint, read by ``load`` without running pickled code: a dict whose ``ema``
+    """A training script's checkpoint, read by ``torch.load(weights_only=True)`` with ``safe_globals``
+    admitted (``torch.serialization.safe_globals``' form) and no pickled code run: a dict whose ``ema``
     (and ``model``, when present) are state dicts of tensors.
 
-    ``refused_global(error)`` names the global a refused file needed (None: the file is damaged); the errors
-    are one line each, naming the file and what ``admitted`` (besides tensors and plain containers) and
-    ``made_by`` (the script that writes such files).
+    The errors are one line each, naming the file, the global a refused file needed, what ``admitted``
+    (besides tensors and plain containers) and ``made_by`` (the script that writes such files).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        checkpoint = load(path)
+        with torch.serialization.safe_globals(safe_globals):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip, EOF and storage errors of a damaged file come in unrelated types
-        culprit = refused_global(err)
+        culprit = _refused_global(err)
         if culprit is not None:
             raise ConversionError(
                 f"checkpoint {str(path)!r} needs pickled code to load ({culprit}); refusing it: only "

@@ -2,10 +2,11 @@
 ``ArceeZigmaTransformer`` pipeline folder that computes exactly what ZigMa's model computes.
 
 ZigMa's ``train_acc.py`` saves a dict: ``model`` and ``ema`` state dicts, ``opt``, ``args`` (a pickled
-OmegaConf ``DictConfig``), ``train_steps``, ``best_fid``. The file is read by a restricted unpickler that
-builds tensors, plain containers and inert stand-ins for exactly the globals a pickled ``DictConfig`` names
-(``ZIGMA_ARGS_GLOBALS``), so no code from the file runs and omegaconf need not be installed. The model's
-configuration comes from ``args.model.params`` and is cross-checked against the tensors.
+OmegaConf ``DictConfig``), ``train_steps``, ``best_fid``. The file is read by
+``torch.load(weights_only=True)`` with inert stand-ins admitted for exactly the globals a pickled
+``DictConfig`` names (``ZIGMA_ARGS_GLOBALS``), so no code from the file runs and omegaconf need not be
+installed. The model's configuration comes from ``args.model.params`` and is cross-checked against the
+tensors.
 
 ZigMa's weights differ from ours (docs/model.md has the full list) by names (``x_embedder.proj``,
 ``t_embedder``, ``norm_f``), two row/column orders that are permuted here (time features ``[cos, sin]``
@@ -15,12 +16,9 @@ architecture options that the config switches on (``ZIGMA_RELEASE`` in the varia
 
 from __future__ import annotations
 
-import _compat_pickle
 import math
 import os
-import pickle
 import re
-import types
 from pathlib import Path
 from typing import Any
 
@@ -87,50 +85,15 @@ def _plain_dict(default_factory: Any = None) -> dict:
 
 
 # the globals a pickled DictConfig names (omegaconf 2.3 and 2.4 pickle alike), each to an inert stand-in
-ZIGMA_ARGS_GLOBALS: dict[tuple[str, str], Any] = {
-    ("builtins", "dict"): dict,
-    ("collections", "defaultdict"): _plain_dict,
-    ("omegaconf.base", "ContainerMetadata"): _OmegaConfStandIn,
-    ("omegaconf.base", "Metadata"): _OmegaConfStandIn,
-    ("omegaconf.dictconfig", "DictConfig"): _DictConfig,
-    ("omegaconf.nodes", "AnyNode"): _AnyNode,
-    ("typing", "Any"): object(),
+ZIGMA_ARGS_GLOBALS: dict[str, Any] = {
+    "builtins.dict": dict,
+    "collections.defaultdict": _plain_dict,
+    "omegaconf.base.ContainerMetadata": _OmegaConfStandIn,
+    "omegaconf.base.Metadata": _OmegaConfStandIn,
+    "omegaconf.dictconfig.DictConfig": _DictConfig,
+    "omegaconf.nodes.AnyNode": _AnyNode,
+    "typing.Any": object(),
 }
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    """A global outside the admitted set: the file needs code to load."""
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits torch's own weights-only globals (tensor and storage rebuilds, plain types) and
-    ``ZIGMA_ARGS_GLOBALS``; any other global stops the load before anything is called."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        # torch.save writes pickle protocol 2, which names builtins by their Python 2 modules
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) in ZIGMA_ARGS_GLOBALS:
-            return ZIGMA_ARGS_GLOBALS[module, name]
-        allowed = torch._weights_only_unpickler._get_allowed_globals()
-        if f"{module}.{name}" in allowed:
-            return allowed[f"{module}.{name}"]
-        raise _RefusedGlobal(f"{module}.{name}")
-
-
-def _restricted_pickle_module() -> types.ModuleType:
-    module = types.ModuleType("arcee_diffusers_restricted_pickle")
-    module.Unpickler = _RestrictedUnpickler
-    module.load = lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load()
-    return module
-
-
-def _load_restricted(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", pickle_module=_restricted_pickle_module(), weights_only=False)
-
-
-def _restricted_refusal(error: Exception) -> str | None:
-    return str(error) if isinstance(error, _RefusedGlobal) else None
 
 
 def plain_args(value: Any) -> Any:
@@ -153,8 +116,9 @@ def load_zigma_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Returns the dict with ``args`` as plain dicts (see ``plain_args``) and ``ema`` (and ``model`` when there)
     checked to be state dicts of tensors, their wrapper prefixes (``module.``, ``_orig_mod.``) removed.
     """
+    stand_ins = [(stand_in, name) for name, stand_in in ZIGMA_ARGS_GLOBALS.items()]
     checkpoint = read_training_checkpoint(
-        path, _load_restricted, _restricted_refusal, "a pickled OmegaConf DictConfig", "ZigMa's train_acc.py"
+        path, stand_ins, "a pickled OmegaConf DictConfig", "ZigMa's train_acc.py"
     )
     for name in ("ema", "model"):
         if name in checkpoint:
