@@ -32,6 +32,7 @@ from ..pipelines.model_card import model_card
 from .core import (
     ConversionError,
     Renames,
+    SafeGlobals,
     load_vae,
     map_state_dict,
     read_training_checkpoint,
@@ -84,16 +85,17 @@ def _plain_dict(default_factory: Any = None) -> dict:
     return {}
 
 
-# the globals a pickled DictConfig names (omegaconf 2.3 and 2.4 pickle alike), each to an inert stand-in
-ZIGMA_ARGS_GLOBALS: dict[str, Any] = {
-    "builtins.dict": dict,
-    "collections.defaultdict": _plain_dict,
-    "omegaconf.base.ContainerMetadata": _OmegaConfStandIn,
-    "omegaconf.base.Metadata": _OmegaConfStandIn,
-    "omegaconf.dictconfig.DictConfig": _DictConfig,
-    "omegaconf.nodes.AnyNode": _AnyNode,
-    "typing.Any": object(),
-}
+# the globals a pickled DictConfig names (omegaconf 2.3 and 2.4 pickle alike), each mapped to an inert
+# stand-in, as (stand-in, "module.name") pairs: the form torch.serialization.safe_globals takes
+ZIGMA_ARGS_GLOBALS: SafeGlobals = [
+    (dict, "builtins.dict"),
+    (_plain_dict, "collections.defaultdict"),
+    (_OmegaConfStandIn, "omegaconf.base.ContainerMetadata"),
+    (_OmegaConfStandIn, "omegaconf.base.Metadata"),
+    (_DictConfig, "omegaconf.dictconfig.DictConfig"),
+    (_AnyNode, "omegaconf.nodes.AnyNode"),
+    (object(), "typing.Any"),
+]
 
 
 def plain_args(value: Any) -> Any:
@@ -116,9 +118,8 @@ def load_zigma_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Returns the dict with ``args`` as plain dicts (see ``plain_args``) and ``ema`` (and ``model`` when there)
     checked to be state dicts of tensors, their wrapper prefixes (``module.``, ``_orig_mod.``) removed.
     """
-    stand_ins = [(stand_in, name) for name, stand_in in ZIGMA_ARGS_GLOBALS.items()]
     checkpoint = read_training_checkpoint(
-        path, stand_ins, "a pickled OmegaConf DictConfig", "ZigMa's train_acc.py"
+        path, ZIGMA_ARGS_GLOBALS, "a pickled OmegaConf DictConfig", "ZigMa's train_acc.py"
     )
     for name in ("ema", "model"):
         if name in checkpoint:
