@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from .models import VARIANTS, ArceeZigmaTransformer
-from .models.variants import SD_VAE_CONFIG, SD_VAE_NAME, VARIANTS_BY_NAME, ZIGMA_PAPER
+from .models.variants import SD_VAE_CONFIG, SD_VAE_NAME, ZIGMA_PAPER, get_variant
 from .pipelines import ArceeZigmaPipeline
 from .pipelines.folder_layout import write_reexport_layout
 from .pipelines.model_card import ARCEE_PAPER, model_card
@@ -29,19 +29,26 @@ def write_hub_configs(root: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def write_repo_template(folder: str | os.PathLike, repo_id: str) -> list[Path]:
+def write_repo_template(folder: str | os.PathLike, repo_id: str, variant: str | None = None) -> list[Path]:
     """Complete `folder` (which holds `transformer/config.json`) into a Hub repo template, weights aside.
 
     Writes `model_index.json` and the re-export files, `scheduler/scheduler_config.json` (the paper's
-    sampler: dopri5, atol 1e-6, rtol 1e-3, on the GVP path, or the linear one for a folder named after one
-    of ZigMa's released models), `vae/config.json` (sd-vae-ft-ema) for latent models, and a README.md model
-    card. `ArceeZigmaPipeline.push_to_hub` regenerates all of them, with the weights. Returns the written
-    paths.
+    sampler: dopri5, atol 1e-6, rtol 1e-3), `vae/config.json` (sd-vae-ft-ema) for latent models, and a
+    README.md model card. `variant` names the entry of the variant table the folder holds; it sets the flow
+    path (linear for ZigMa's released models) and the card's source, and the folder's config must match it.
+    Without it the template is the paper's setup: the GVP path. `ArceeZigmaPipeline.push_to_hub`
+    regenerates all of these files, with the weights. Returns the written paths.
     """
     folder = Path(folder)
-    variant = VARIANTS_BY_NAME.get(folder.name)
-    flow_path = variant.flow_path if variant is not None else "gvp"
     config = ArceeZigmaTransformer.load_config(folder / "transformer")
+    entry = get_variant(variant) if variant is not None else None
+    if entry is not None:
+        mismatched = sorted(key for key, value in entry.config.items() if config.get(key) != value)
+        if mismatched:
+            raise ValueError(
+                f"variant={variant!r} does not match {folder / 'transformer'}: it differs in {mismatched}"
+            )
+    flow_path = entry.flow_path if entry is not None else "gvp"
     with torch.device("meta"):  # configs and parameter counts only: no weights are allocated
         transformer = ArceeZigmaTransformer.from_config(config)
         vae = AutoencoderKL(**SD_VAE_CONFIG) if config["in_channels"] == 4 else None
@@ -57,10 +64,10 @@ def write_repo_template(folder: str | os.PathLike, repo_id: str) -> list[Path]:
     write_reexport_layout(folder)
     written += sorted(folder.glob("*.py")) + sorted(folder.glob("*/*.py"))
     source, paper = None, ARCEE_PAPER
-    if variant is not None and variant.zigma_checkpoint:
+    if entry is not None and entry.zigma_checkpoint:
         paper = ZIGMA_PAPER
         source = (
-            f"Weights: `{variant.zigma_checkpoint}` of ZigMa's release (Hub repo `taohu/zigma`, Apache-2.0), "
+            f"Weights: `{entry.zigma_checkpoint}` of ZigMa's release (Hub repo `taohu/zigma`, Apache-2.0), "
             "converted with `scripts/convert_zigma_checkpoint.py`."
         )
     card = model_card(

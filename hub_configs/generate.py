@@ -20,8 +20,8 @@ def main() -> None:
     args = parser.parse_args()
     for path in write_hub_configs(args.root):
         print(path)
-        variant_folder = path.parent.parent
-        for written in write_repo_template(variant_folder, repo_id=f"your-namespace/{variant_folder.name}"):
+        variant = path.parent.parent.name
+        for written in write_repo_template(path.parent.parent, f"your-namespace/{variant}", variant=variant):
             print(written)
 
 

@@ -29,13 +29,27 @@ def test_committed_template_equals_a_fresh_generation(variant, tmp_path):
     committed = HUB_CONFIGS / variant
     fresh = tmp_path / variant
     shutil.copytree(committed / "transformer", fresh / "transformer", ignore=shutil.ignore_patterns("*.py"))
-    written = write_repo_template(fresh, repo_id=f"your-namespace/{variant}")
+    written = write_repo_template(fresh, repo_id=f"your-namespace/{variant}", variant=variant)
     committed_files = {p.relative_to(committed) for p in committed.rglob("*") if p.is_file()}
     fresh_files = {p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file()}
     assert committed_files == fresh_files and {p.relative_to(fresh) for p in written} <= fresh_files
     for relative in fresh_files:
         fresh_text, committed_text = (fresh / relative).read_text(), (committed / relative).read_text()
         assert _without_version(fresh_text) == _without_version(committed_text), relative
+
+
+def test_template_takes_the_flow_path_from_the_variant_not_the_folder_name(tmp_path):
+    committed = HUB_CONFIGS / "zigma-8-churches256" / "transformer"
+    for name, variant, flow_path in [
+        ("renamed", "zigma-8-churches256", "linear"),
+        ("zigma-8-churches256", None, "gvp"),
+    ]:
+        shutil.copytree(committed, tmp_path / name / "transformer")
+        write_repo_template(tmp_path / name, repo_id="your-namespace/churches", variant=variant)
+        scheduler = json.loads((tmp_path / name / "scheduler" / "scheduler_config.json").read_text())
+        assert scheduler["path"] == flow_path, name
+    with pytest.raises(ValueError, match="variant='zigma-8-b2' does not match .*patch_size"):
+        write_repo_template(tmp_path / "renamed", repo_id="your-namespace/churches", variant="zigma-8-b2")
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS_BY_NAME))
