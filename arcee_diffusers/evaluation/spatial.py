@@ -56,6 +56,14 @@ def per_row_denoising_loss(
     return (totals / (len(triples["t"]) * grid)).numpy()
 
 
+def first_data_row(images: Tensor, patch: int) -> int:
+    """The first row of the token grid in which ``images`` ``(N, C, H, W)`` differ. The rows above it hold
+    only padding, the same pixels in every image (Fashion-MNIST padded to 32 px: row 1 with patch 2); 0 when
+    none do."""
+    differs = (images != images[:1]).any(dim=(0, 1, 3))  # (H,): pixel rows not identical across images
+    return int(differs.nonzero()[0, 0]) // patch if differs.any() else 0
+
+
 @contextlib.contextmanager
 def state_chain_set(model: torch.nn.Module, enabled: bool):
     """Run ``model`` with its state chain on or off (same weights), e.g. Arcee with the chain cut at test

@@ -179,8 +179,8 @@ MODEL_KEYS = (
 
 
 def measure(transformer: ArceeZigmaTransformer, heldout: torch.Tensor, args: argparse.Namespace) -> dict:
-    """Per-row loss on the held-out triples (with the chain cut at test time too, for Arcee rows) and the
-    influence map of the middle token of path 0."""
+    """Per-row loss on the held-out triples (with the chain cut at test time too, for Arcee rows), the first
+    token row that is not padding, and the influence map of the middle token of path 0."""
     path = get_flow_path(args.path)
     triples = spatial.heldout_triples(heldout, args.heldout_draws, seed=HELDOUT_SEED)
     row_loss = functools.partial(
@@ -201,6 +201,7 @@ def measure(transformer: ArceeZigmaTransformer, heldout: torch.Tensor, args: arg
     return {
         "per_row_loss": per_row.tolist(),
         "per_row_loss_chain_cut": chain_cut,
+        "first_data_row": spatial.first_data_row(heldout, transformer.config.patch_size),
         "heldout": {"images": len(heldout), "draws_per_image": args.heldout_draws, "seed": HELDOUT_SEED},
         "influence": {"token": token, "path_index": 0, "t": 0.5, "map": influence.tolist()},
     }

@@ -44,8 +44,14 @@ def cell_scalars(result: dict) -> dict[str, float]:
     for suffix, key in (("", "per_row_loss"), ("_chain_cut", "per_row_loss_chain_cut")):
         if result[key] is not None:
             scalars[f"mean_loss{suffix}"] = float(np.mean(result[key]))
-            scalars[f"first_row_loss{suffix}"] = result[key][0]
+            scalars[f"first_row_loss{suffix}"] = result[key][first_data_row(result)]
     return scalars
+
+
+def first_data_row(result: dict) -> int:
+    """The token row the "first-row loss" reads: the first that is not padding (a cell written before this
+    field was recorded ran on unpadded data: row 0)."""
+    return result.get("first_data_row", 0)
 
 
 def mean_std(values: list[float]) -> dict:
@@ -155,7 +161,7 @@ def results_markdown(results: dict) -> str:
         f"samples at guidance 1 with {_sampler(config)}"
         + (f", {first_cell['metrics']['num_samples']} per cell" if first_cell else "")
         + f"; per-row loss on {config['num_heldout']} held-out images × {config['heldout_draws']} "
-        f"(noise, t) draws.",
+        f"(noise, t) draws{_first_row_description(results['cells'])}.",
         "",
     ]
     identical = results["first_batch_identical_across_rows"]
@@ -205,6 +211,15 @@ def results_markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _first_row_description(cells: list[dict]) -> str:
+    """Which token row the first-row columns read, where it is not row 0."""
+    rows = sorted({first_data_row(c) for c in cells})
+    if rows in ([], [0]):
+        return ""
+    listed = " / ".join(map(str, rows))
+    return f"; the first-row columns read token row {listed}, the first that is not padding"
 
 
 def _data_description(config: dict) -> str:

@@ -48,6 +48,15 @@ def test_per_row_loss_averages_to_the_flow_matching_loss(patch_size):
     assert rows[0] == pytest.approx(error[:, :, :patch_size].square().mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("pad", "patch", "expected"), [(0, 2, 0), (2, 2, 1), (3, 2, 1), (4, 2, 2), (2, 1, 2)]
+)
+def test_first_data_row_skips_the_padding_rows(pad, patch, expected):
+    images = torch.nn.functional.pad(torch.rand(4, 1, 8, 8), (pad, pad, pad, pad), value=-1.0)
+    assert spatial.first_data_row(images, patch) == expected
+    assert spatial.first_data_row(torch.zeros(3, 1, 8, 8), patch) == 0  # identical images: no padding known
+
+
 def test_state_chain_cut_at_test_time_changes_the_output_and_is_restored():
     model, path = random_model(True), get_flow_path("gvp")
     triples = spatial.heldout_triples(torch.randn(2, 2, 8, 8), 1)

@@ -68,6 +68,7 @@ def test_results_have_every_field(two_row_grid):
         assert result["train_steps"] == 4 and result["train_loss"]["step"] == [1, 2, 3, 4]
         assert len(result["train_loss"]["loss"]) == 4 and result["resumed_from_step"] == []
         assert result["model"]["patch_size"] == 1 and result["model"]["sample_size"] == 8
+        assert result["first_data_row"] == 0  # the digits are not padded
         assert result["model"]["state_chain"] == (result["row"] == "arcee-1")
         assert np.array(result["influence"]["map"]).shape == (8, 8)
         assert result["heldout"] == {"images": 16, "draws_per_image": 4, "seed": 0}
@@ -410,6 +411,7 @@ def test_fashion_mnist_grid_on_a_standin(tmp_path, monkeypatch):
         metrics = result["metrics"]
         assert metrics["num_samples"] == 6 and metrics["frechet_ratio"] > 0 and metrics["fid_real"] > 0
         assert len(result["per_row_loss"]) == 16  # a 16×16 token grid
+        assert result["first_data_row"] == 1  # row 0 is the 2-pixel border
     assert results["pairs"][0]["ratio"].keys() == {
         "frechet_ratio",
         "fid",
@@ -419,4 +421,7 @@ def test_fashion_mnist_grid_on_a_standin(tmp_path, monkeypatch):
     }
     header = (tmp_path / "grid" / "results.md").read_text()
     assert "fashion_mnist at 32 px (padded)" in header and "2 layers, hidden 16, d_state 4" in header
+    assert "the first-row columns read token row 1, the first that is not padding" in header
+    (zigma,) = (result for result in results["cells"] if result["row"] == "zigma-1")
+    assert results["rows"]["zigma-1"]["first_row_loss"]["mean"] == zigma["per_row_loss"][1]
     assert "lr 0.003 (cosine)" in header and "2 Euler steps" in header
