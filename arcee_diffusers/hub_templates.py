@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from .models import VARIANTS, ArceeZigmaTransformer
-from .models.variants import SD_VAE_CONFIG, SD_VAE_NAME, ZIGMA_PAPER, get_variant
+from .models.variants import SD_VAE_CONFIG, SD_VAE_NAME, ZIGMA_HUB_REPO, ZIGMA_PAPER, get_variant
 from .pipelines import ArceeZigmaPipeline
 from .pipelines.folder_layout import write_reexport_layout
 from .pipelines.model_card import ARCEE_PAPER, model_card
@@ -41,14 +41,21 @@ def write_repo_template(folder: str | os.PathLike, repo_id: str, variant: str | 
     """
     folder = Path(folder)
     config = ArceeZigmaTransformer.load_config(folder / "transformer")
-    entry = get_variant(variant) if variant is not None else None
-    if entry is not None:
+    flow_path, source, paper = "gvp", None, ARCEE_PAPER
+    if variant is not None:
+        entry = get_variant(variant)
         mismatched = sorted(key for key, value in entry.config.items() if config.get(key) != value)
         if mismatched:
             raise ValueError(
                 f"variant={variant!r} does not match {folder / 'transformer'}: it differs in {mismatched}"
             )
-    flow_path = entry.flow_path if entry is not None else "gvp"
+        flow_path = entry.flow_path
+        if entry.zigma_checkpoint:
+            paper = ZIGMA_PAPER
+            source = (
+                f"Weights: `{entry.zigma_checkpoint}` of ZigMa's release (Hub repo `{ZIGMA_HUB_REPO}`, "
+                "Apache-2.0), converted with `scripts/convert_zigma_checkpoint.py`."
+            )
     with torch.device("meta"):  # configs and parameter counts only: no weights are allocated
         transformer = ArceeZigmaTransformer.from_config(config)
         vae = AutoencoderKL(**SD_VAE_CONFIG) if config["in_channels"] == 4 else None
@@ -63,13 +70,6 @@ def write_repo_template(folder: str | os.PathLike, repo_id: str, variant: str | 
         written.append(folder / "vae" / "config.json")
     write_reexport_layout(folder)
     written += sorted(folder.glob("*.py")) + sorted(folder.glob("*/*.py"))
-    source, paper = None, ARCEE_PAPER
-    if entry is not None and entry.zigma_checkpoint:
-        paper = ZIGMA_PAPER
-        source = (
-            f"Weights: `{entry.zigma_checkpoint}` of ZigMa's release (Hub repo `taohu/zigma`, Apache-2.0), "
-            "converted with `scripts/convert_zigma_checkpoint.py`."
-        )
     card = model_card(
         pipe,
         repo_id,
